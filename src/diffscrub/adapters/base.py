@@ -1,0 +1,242 @@
+"""The contract between the model-agnostic core and one denoiser family.
+
+The core (prototype fitting, masks, losses, the training loop) sees latents as
+``[B, C, H, W]`` tensors, timesteps in training units ``[0, T)``, a conditioning
+dict it never looks inside, and tapped features as ``[B, L, D]`` image-token vectors
+on an ``(Hf, Wf)`` grid. Everything else (argument names, micro-conditioning, latent
+packing, learned-variance channels, which block to tap and which stream of its
+output holds the image tokens) belongs to an adapter subclass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..schedules import NoiseSchedule, schedule_from_scheduler
+
+
+def _map_tensors(tree: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor in a nested dict; other leaves (None, ints) pass through."""
+    if isinstance(tree, dict):
+        return {k: _map_tensors(v, fn) for k, v in tree.items()}
+    if isinstance(tree, torch.Tensor):
+        return fn(tree)
+    return tree
+
+
+@dataclass
+class Conditioning:
+    """Frozen conditioning for a pool of ``P`` prompts.
+
+    ``kwargs`` holds denoiser keyword arguments whose tensors all have leading dim ``P``
+    (nested dicts such as ``added_cond_kwargs`` are allowed). It is computed once from
+    the pipeline's frozen text encoders and indexed per step, so no text encoder runs
+    inside the training loop.
+    """
+
+    prompts: list[str]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def take(self, index: torch.Tensor) -> dict[str, Any]:
+        """Denoiser kwargs for a batch: prompt ``index[b]`` for sample ``b``; index ``[B]`` long."""
+        return _map_tensors(self.kwargs, lambda x: x.index_select(0, index.to(x.device)))
+
+    def to(self, device=None, dtype=None) -> "Conditioning":
+        def move(x):
+            return x.to(device=device, dtype=dtype if x.is_floating_point() and dtype else None)
+
+        return Conditioning(self.prompts, _map_tensors(self.kwargs, move))
+
+
+def concat_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate per-batch conditioning dicts along the batch dim (for one batched call)."""
+    first = parts[0]
+    out = {}
+    for key, value in first.items():
+        if isinstance(value, dict):
+            out[key] = concat_kwargs([p[key] for p in parts])
+        elif isinstance(value, torch.Tensor):
+            out[key] = torch.cat([p[key] for p in parts], dim=0)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class Features:
+    """Tapped mid-depth features: ``vectors [B, L, D]`` on grid ``(Hf, Wf)`` with ``L == Hf * Wf``."""
+
+    vectors: torch.Tensor
+    grid: tuple[int, int]
+
+
+class DenoiserAdapter:
+    """One denoiser family. Subclasses set the class attributes and override the hooks below.
+
+    Args:
+        pipe: a loaded diffusers pipeline of this family. The adapter keeps references to its
+            VAE, scheduler and text encoders (frozen) and to its denoiser.
+    """
+
+    #: registry name, e.g. ``"sd"``.
+    family: ClassVar[str] = ""
+    #: human-readable families and pipelines, for the README table and error messages.
+    description: ClassVar[str] = ""
+    #: prefixes of pipeline class names this adapter handles, most specific adapters registered first.
+    pipeline_prefixes: ClassVar[tuple[str, ...]] = ()
+    #: denoiser class names this adapter handles (fallback when the pipeline class is custom).
+    denoiser_classes: ClassVar[tuple[str, ...]] = ()
+    #: attribute of the pipeline holding the denoiser.
+    denoiser_attr: ClassVar[str] = "transformer"
+    #: module-name suffixes that LoRA wraps.
+    lora_target_modules: ClassVar[tuple[str, ...]] = ("to_q", "to_k", "to_v", "to_out.0")
+    #: whether prompts mean anything to this family (DiT is class-conditional).
+    has_text_encoder: ClassVar[bool] = True
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        if getattr(pipe, self.denoiser_attr, None) is None:
+            raise InputError(
+                f"pipeline {type(pipe).__name__} has no '{self.denoiser_attr}' for the {self.family} adapter: "
+                "pass --family with the right family, or a pipeline of this family"
+            )
+
+    # ----------------------------------------------------------------- matching
+    @classmethod
+    def matches(cls, pipe) -> bool:
+        name = type(pipe).__name__
+        if any(name.startswith(p) for p in cls.pipeline_prefixes):
+            return True
+        denoiser = getattr(pipe, cls.denoiser_attr, None)
+        return denoiser is not None and type(denoiser).__name__ in cls.denoiser_classes
+
+    # ----------------------------------------------------------------- parts
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.denoiser_attr)
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.pipe.vae
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Every module other than the denoiser: VAE and text encoders, frozen during erasure."""
+        out = []
+        for name, module in self.pipe.components.items():
+            if isinstance(module, nn.Module) and name != self.denoiser_attr:
+                out.append(module)
+        return out
+
+    def schedule(self) -> NoiseSchedule:
+        return schedule_from_scheduler(self.pipe.scheduler)
+
+    # ----------------------------------------------------------------- latents
+    @property
+    def latent_scale_shift(self) -> tuple[float, float]:
+        cfg = self.vae.config
+        shift = cfg.get("shift_factor", None) or 0.0
+        return float(cfg.get("scaling_factor", 1.0)), float(shift)
+
+    @torch.no_grad()
+    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE posterior ``(mean, std)`` in model latent space; images ``[B, 3, H, W]`` in [-1, 1].
+
+        Caching the moments (not one sample) lets each step draw a fresh posterior sample
+        without running the encoder again.
+        """
+        scale, shift = self.latent_scale_shift
+        vae = self.vae
+        dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+        return ((dist.mean - shift) * scale).float(), (dist.std * scale).float()
+
+    @torch.no_grad()
+    def decode(self, z0: torch.Tensor) -> torch.Tensor:
+        """Model latents ``[B, C, h, w]`` to images ``[B, 3, H, W]`` in [-1, 1]."""
+        scale, shift = self.latent_scale_shift
+        vae = self.vae
+        return vae.decode((z0 / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
+
+    # ----------------------------------------------------------------- conditioning
+    def encode_prompts(self, prompts: list[str], image_hw: tuple[int, int]) -> Conditioning:
+        """Conditioning for each prompt, with the frozen text encoders. ``""`` is the null prompt."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------- calling
+    def call(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
+        """Raw prediction in the core's layout ``[B, C_out, H, W]`` (``C_out = 2C`` with learned variance)."""
+        raise NotImplementedError
+
+    def tap_module(self, model: nn.Module) -> nn.Module:
+        """The mid-depth module whose output is tapped."""
+        raise NotImplementedError
+
+    def image_tokens(self, output: Any, z_t: torch.Tensor) -> Features:
+        """Turn the tapped module's output into image-token features."""
+        raise NotImplementedError
+
+    def predict(
+        self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any], *, features: bool = False
+    ) -> tuple[torch.Tensor, Features | None]:
+        """One denoiser call; with ``features=True`` also the tapped image-token features.
+
+        The hook lives only for this call and on this very module, so a teacher and a
+        student (or one LoRA-wrapped module used as both) never see each other's features.
+        """
+        if not features:
+            return self.call(model, z_t, t, cond), None
+        captured: list[Any] = []
+        handle = self.tap_module(model).register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            pred = self.call(model, z_t, t, cond)
+        finally:
+            handle.remove()
+        if not captured:
+            raise RuntimeError(f"{self.family} adapter: the tapped module did not run")
+        return pred, self.image_tokens(captured[-1], z_t)
+
+    def split_variance(self, out: torch.Tensor, latent_channels: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Separate a learned-variance output ``[B, 2C, H, W]`` into the mean prediction and the rest."""
+        if out.shape[1] == 2 * latent_channels:
+            return out[:, :latent_channels], out[:, latent_channels:]
+        return out, None
+
+    # ----------------------------------------------------------------- training parts
+    def attention_parameters(self, model: nn.Module) -> list[str]:
+        """Names of parameters inside attention modules (the ``attention`` trainable set)."""
+        from diffusers.models.attention import AttentionModuleMixin
+        from diffusers.models.attention_processor import Attention
+
+        # Newer families (Flux) define their own attention classes on AttentionModuleMixin.
+        kinds = (Attention, AttentionModuleMixin)
+        names = []
+        for mod_name, module in model.named_modules():
+            if isinstance(module, kinds):
+                names += [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters()]
+        return sorted(set(names))
+
+    def lora_layers_kwarg(self) -> str:
+        """Keyword of the pipeline's ``save_lora_weights`` for this denoiser."""
+        return f"{self.denoiser_attr}_lora_layers"
+
+    @contextlib.contextmanager
+    def eval_mode(self, model: nn.Module):
+        was = model.training
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train(was)
+
+
+def mid_index(n: int) -> int:
+    """Middle block of ``n`` (``n // 2``): the most semantic depth, per the scrubber's design."""
+    return n // 2

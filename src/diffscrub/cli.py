@@ -1,0 +1,177 @@
+"""The ``diffscrub`` command: parse, build the config, call the library. Nothing else lives here.
+
+Flags are generated from the config dataclasses (their help text included), so the CLI,
+config files and the library can never disagree on a name or a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .config import EraseConfig, _unwrap_optional, build, merge, read_config_file
+from .errors import DiffscrubError
+
+SECTION_SEP = "."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, section: str | None = None,
+                        skip: tuple[str, ...] = (), taken: set[str] | None = None) -> None:
+    """One flag per field of ``cls``; values land in ``dest = [section.]field`` only when given."""
+    hints = typing.get_type_hints(cls)
+    taken = taken if taken is not None else set()
+    group = parser.add_argument_group(f"{section} options" if section else None)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = _flag(f.name)
+        if flag in taken:  # the same option name in two methods: prefix with the method name
+            flag = _flag(f"{section}_{f.name}")
+        taken.add(flag)
+        dest = f"{section}{SECTION_SEP}{f.name}" if section else f.name
+        tp, _ = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if default not in (None, "", []):
+            help_text += f" (default: {default})"
+        if tp is bool:
+            group.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
+                               help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+
+
+def split_sections(ns: argparse.Namespace) -> dict:
+    """``{"tau": .., "tss.tau": ..}`` -> nested ``{"tss": {"tau": ..}}``."""
+    out: dict = {}
+    for key, value in vars(ns).items():
+        if key.startswith("_"):
+            continue
+        if SECTION_SEP in key:
+            section, name = key.split(SECTION_SEP, 1)
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_args(ns: argparse.Namespace):
+    """Merge ``--config`` file and flags (flags win) into ``(EraseConfig, method options dict)``."""
+    from .methods import METHODS
+
+    flags = split_sections(ns)
+    config_file = flags.pop("config", None)
+    file_values = read_config_file(config_file) if config_file else {}
+    values = merge(file_values, flags)
+    method = values.get("method", "tss")
+    METHODS.get(method)  # unknown method: a clear error before anything else
+    sections = {name: values.pop(name) for name in METHODS.names() if isinstance(values.get(name), dict)}
+    config = build(EraseConfig, values)
+    return config, sections.get(config.method, {})
+
+
+def _quiet_libraries() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_erase(ns) -> int:
+    from .core.trainer import erase
+
+    config, method_options = config_from_args(ns)
+    _quiet_libraries()
+    result = erase(config, method_options)
+    timing = result.record["timing"]
+    print(f"erased with {config.method} on {result.record['family']} in {timing['total_s']:.1f}s "
+          f"({timing['step_s'] * 1000:.0f} ms/step): {result.out}")
+    return 0
+
+
+def cmd_demo(ns) -> int:
+    from .demo import run_demo
+
+    _quiet_libraries()
+    run_demo(out=ns.out, steps=ns.steps, overwrite=ns.overwrite, quiet=ns.quiet, concept=ns.concept)
+    return 0
+
+
+def cmd_list(ns) -> int:
+    from .adapters import ADAPTERS
+    from .methods import METHODS
+
+    if ns.what == "families":
+        for name, cls in ADAPTERS.items():
+            print(f"{name:8s} {cls.description}")
+    else:
+        for name, cls in METHODS.items():
+            print(f"{name:10s} {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="diffscrub", description="Erase a visual concept from a latent diffusion "
+                                     "model using only a folder of unlabeled images.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("erase", help="erase the concept shown in --forget from --model and write --out")
+    p.add_argument("--config", default=argparse.SUPPRESS, help="YAML or TOML file of options (flags win)")
+    taken = {"--config"}
+    add_dataclass_flags(p, EraseConfig, taken=taken)
+    for name, cls in METHODS.items():
+        add_dataclass_flags(p, cls.config_class, section=name, taken=taken)
+    p.set_defaults(_run=cmd_erase)
+
+    p = sub.add_parser("demo", help="erase digit 7 from the shipped toy model and show before/after")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
+    p.add_argument("--concept", default="7", help="concept to erase: a digit 0-9 or a background name")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(_run=cmd_demo)
+
+    p = sub.add_parser("list", help="list the supported denoiser families or erasure methods")
+    p.add_argument("what", choices=("families", "methods"))
+    p.set_defaults(_run=cmd_list)
+
+    try:
+        from .toy.cli import register as register_toy
+    except ImportError:
+        register_toy = None
+    if register_toy is not None:
+        register_toy(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    run = ns._run
+    for key in ("_run", "command"):
+        if hasattr(ns, key):
+            delattr(ns, key)
+    try:
+        return int(run(ns) or 0)
+    except DiffscrubError as exc:
+        print(f"diffscrub: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("diffscrub: interrupted; nothing was written to the output folder", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

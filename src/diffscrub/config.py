@@ -1,0 +1,237 @@
+"""Configuration dataclasses: help text per field, validation in ``__post_init__``, file + flag merge.
+
+A run's configuration is an :class:`EraseConfig` plus the options dataclass of its method
+(``tss``, ...). Both are built from (in increasing priority) the defaults, a YAML/TOML file,
+and command-line flags, are checked before any model loads, and are saved as sorted JSON
+beside every output and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+
+def option(default: Any, help: str, **kw) -> Any:
+    """A dataclass field carrying its help text (shown by ``--help`` and in the docs)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ----------------------------------------------------------------------------- checks
+def check_range(name: str, value, low=None, high=None, *, low_open=False, high_open=False) -> None:
+    """Raise ConfigError naming ``name`` unless ``value`` is a finite number within the bounds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r} must be a finite number")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ConfigError(f"{name}={value!r} is out of range: it must be {' and '.join(x for x in (lo, hi) if x)}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not valid: choose one of {', '.join(map(str, choices))}")
+
+
+# ----------------------------------------------------------------------------- type coercion
+def _unwrap_optional(tp):
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(name: str, value: Any, tp) -> Any:
+    """Convert a file or flag value to the field's declared type, or raise naming the key."""
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{name} must not be empty: give it a value")
+    label = getattr(tp, "__name__", str(tp))
+    wrong = ConfigError(f"{name}={value!r} has the wrong type: it must be {label}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise wrong
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise wrong
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise wrong from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise wrong
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise wrong from None
+    if tp is str:
+        if not isinstance(value, (str, pathlib.Path)):
+            raise wrong
+        return str(value)
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")] if value else []
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        return [coerce(name, v, item) for v in value]
+    return value
+
+
+def build(cls, values: dict[str, Any], *, where: str = "config", strict: bool = True):
+    """Instantiate dataclass ``cls`` from a plain dict, coercing types.
+
+    Unknown keys raise (``strict``) or warn, naming the key and the known ones, so a typo in a
+    config file never silently does nothing.
+    """
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in values.items():
+        norm = key.replace("-", "_")
+        if norm not in names:
+            msg = f"unknown key {key!r} in {where}: known keys are {', '.join(sorted(names))}"
+            if strict:
+                raise ConfigError(msg)
+            warnings.warn(msg, stacklevel=2)
+            continue
+        kwargs[norm] = coerce(f"{where}.{norm}" if where != "config" else norm, value, hints[norm])
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict[str, Any]:
+    return {k: v for k, v in sorted(dataclasses.asdict(obj).items())}
+
+
+def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Read a YAML or TOML config file into a dict; errors name the file and the fix."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist: pass --config with a .yaml or .toml file")
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+        if suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        elif suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file '{path}' has suffix {suffix!r}: use .yaml, .yml, .toml or .json")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parse errors from yaml/toml/json, decoding errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config file '{path}' could not be parsed ({first}): fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+# ----------------------------------------------------------------------------- the run config
+TRAINABLE = ("full", "attention", "lora")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("no", "fp16", "bf16")
+CONDITIONING = ("null", "prompts")
+
+
+@dataclass
+class EraseConfig:
+    """Everything about an erase run except the method's own options.
+
+    Method options live in the method's dataclass (e.g. ``diffscrub.methods.tss.TSSConfig``)
+    under the key named after the method, in files and in ``diffscrub.json``.
+    """
+
+    model: str = option("", "diffusers pipeline: local folder, hub id (cached), single .safetensors file, or toy-unet/toy-mmdit", cli="--model")
+    forget: str = option("", "folder of images of the concept to erase (no labels needed)")
+    out: str = option("", "output folder for the erased pipeline (written to a temporary sibling, then renamed)")
+    retain: str | None = option(None, "optional folder of images to keep (anchors the retain loss)")
+    method: str = option("tss", "erasure method")
+    family: str | None = option(None, "force a denoiser family instead of detecting it from the pipeline class")
+    steps: int = option(200, "training steps")
+    batch_size: int = option(4, "forget images per step")
+    lr: float = option(1e-4, "learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    seed: int = option(0, "seed for every random draw (timesteps, noise, k-means, batch order)")
+    device: str = option("auto", "auto, cpu or cuda")
+    mixed_precision: str = option("no", "no, fp16 or bf16: teacher and forward passes in half precision, trainable weights in fp32")
+    trainable: str = option("full", "which denoiser parameters train: full, attention, or lora")
+    lora_rank: int = option(0, "LoRA rank; > 0 selects --trainable lora")
+    lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank)")
+    resolution: int | None = option(None, "resize and center-crop images to this size (needed when sizes differ)")
+    conditioning: str = option("null", "null: distil at the null prompt (the seed's behaviour); prompts: use --prompts too")
+    prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
+    gradient_checkpointing: bool = option(False, "recompute student activations in the backward pass to save memory")
+    overwrite: bool = option(False, "replace a non-empty --out folder")
+    allow_pickle: bool = option(False, "allow loading pickle (.ckpt/.bin/.pt) checkpoints, which can run arbitrary code")
+    trust_remote_code: bool = option(False, "allow hub pipelines that need custom code")
+    quiet: bool = option(False, "no progress bars")
+    log_every: int = option(10, "record losses every N steps")
+
+    def __post_init__(self):
+        if self.lora_rank and self.trainable == "full":
+            self.trainable = "lora"
+        check_choice("trainable", self.trainable, TRAINABLE)
+        check_choice("device", self.device, DEVICES)
+        check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
+        check_choice("conditioning", self.conditioning, CONDITIONING)
+        check_range("steps", self.steps, 1)
+        check_range("batch_size", self.batch_size, 1)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("log_every", self.log_every, 1)
+        check_range("lora_rank", self.lora_rank, 0)
+        if self.trainable == "lora" and self.lora_rank < 1:
+            raise ConfigError("trainable='lora' needs a rank: pass --lora-rank N (for example 4)")
+        if self.lora_alpha is not None:
+            check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
+        if self.resolution is not None:
+            check_range("resolution", self.resolution, 8)
+            if self.resolution % 8:
+                raise ConfigError(f"resolution={self.resolution} must be a multiple of 8")
+        if self.conditioning == "prompts" and not self.prompts:
+            raise ConfigError("conditioning='prompts' needs prompts: pass --prompts 'a photo,a drawing'")
+
+    def require_paths(self) -> None:
+        """The keys a run cannot start without (checked after file + flags are merged)."""
+        for key, flag in (("model", "--model"), ("forget", "--forget"), ("out", "--out")):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is not set: pass {flag}")
+
+
+def merge(file_values: dict[str, Any], flag_values: dict[str, Any]) -> dict[str, Any]:
+    """Flags win over the file; nested method sections merge key by key."""
+    out = dict(file_values)
+    for key, value in flag_values.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out

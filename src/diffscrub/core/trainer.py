@@ -1,0 +1,293 @@
+"""The erase run: checks, loading, Phase 1 (method.prepare), Phase 2 (the shared loop), output.
+
+The loop knows no method and no model family: it asks the registry for the method, the
+adapter registry for the family, and the method for each step's loss.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..adapters import adapter_for
+from ..config import EraseConfig, build, to_dict
+from ..errors import ConfigError, TrainingError
+from ..methods import INPUTS, METHODS
+from .context import ErasureContext, LatentCache
+from .output import atomic_dir, check_output_dir, write_json
+from .params import lora_state_dict, merge_lora, select_trainable
+
+
+@dataclass
+class EraseResult:
+    out: Any
+    record: dict[str, Any]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "diffscrub": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+    }
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    out = {"cpu_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["gpu_peak_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def resolve_method_config(config: EraseConfig, method_config=None):
+    method_cls = METHODS.get(config.method)
+    if method_config is None:
+        method_config = method_cls.config_class()
+    elif isinstance(method_config, dict):
+        method_config = build(method_cls.config_class, method_config, where=config.method)
+    elif not isinstance(method_config, method_cls.config_class):
+        raise ConfigError(f"method options for {config.method!r} must be a {method_cls.config_class.__name__}")
+    return method_cls, method_config
+
+
+def preflight(config: EraseConfig, method_cls) -> None:
+    """Every check that needs no model: paths, folders, required inputs. Raises one-line errors."""
+    from ..data import scan_image_folder
+    from ..loading import check_model_arg
+
+    config.require_paths()
+    if "retain" in method_cls.needs and not config.retain:
+        raise ConfigError(f"method {method_cls.name!r} needs {INPUTS['retain']}")
+    scan_image_folder(config.forget, name="forget")
+    if config.retain:
+        scan_image_folder(config.retain, name="retain")
+    check_output_dir(config.out, overwrite=config.overwrite)
+    check_model_arg(config.model, allow_pickle=config.allow_pickle)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is visible: pass --device cpu")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def encode_images(adapter, images: torch.Tensor, batch_size: int) -> LatentCache:
+    """Encode an image set once: ``[N, 3, H, W]`` -> cached posterior moments ``[N, C, h, w]``."""
+    means, stds = [], []
+    for start in range(0, images.shape[0], batch_size):
+        m, s = adapter.encode_moments(images[start:start + batch_size])
+        means.append(m.cpu())
+        stds.append(s.cpu())
+    return LatentCache(torch.cat(means), torch.cat(stds))
+
+
+class _Progress:
+    """A tqdm bar, or nothing when quiet."""
+
+    def __init__(self, total: int, desc: str, quiet: bool):
+        self.bar = None
+        if not quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img" if "phase 1" in desc else "step", leave=True)
+
+    def __call__(self, n: int = 1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def erase(
+    config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
+) -> EraseResult:
+    """Erase the concept shown in ``config.forget`` from ``config.model`` and write ``config.out``.
+
+    Args:
+        config: the run configuration (validated on construction).
+        method_config: the method's options dataclass (or a dict of them); defaults if omitted.
+        pipe: an already-loaded pipeline to use instead of loading ``config.model`` (library use).
+        log: where one-line notices go (warnings about skipped images, the output path).
+
+    Returns:
+        An :class:`EraseResult` with the output folder and the run record saved as ``diffscrub.json``.
+    """
+    from ..data import load_image_folder
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    method_cls, method_config = resolve_method_config(config, method_config)
+    if pipe is None:
+        preflight(config, method_cls)
+    else:
+        config.require_paths()
+        check_output_dir(config.out, overwrite=config.overwrite)
+    device = pick_device(config.device)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    warn = lambda msg, *a, **k: log(f"warning: {msg}")  # noqa: E731
+    forget_images = load_image_folder(config.forget, name="forget", resolution=config.resolution, warn=warn)
+    retain_images = None
+    if config.retain:
+        retain_images = load_image_folder(config.retain, name="retain", resolution=config.resolution, warn=warn)
+        if retain_images.images.shape[-2:] != forget_images.images.shape[-2:]:
+            raise ConfigError(
+                f"retain images are {tuple(retain_images.images.shape[-2:])} but forget images are "
+                f"{tuple(forget_images.images.shape[-2:])}: pass --resolution N to bring both to N x N"
+            )
+
+    if pipe is None:
+        from ..loading import load_pipeline
+
+        pipe = load_pipeline(config.model, family=config.family, allow_pickle=config.allow_pickle,
+                             trust_remote_code=config.trust_remote_code)
+    adapter = adapter_for(pipe, config.family)
+    for module in adapter.frozen_modules():
+        module.requires_grad_(False)
+        module.eval()
+    pipe.to(device)
+    timing["load_s"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- latents and conditioning
+    t1 = time.perf_counter()
+    image_hw = tuple(forget_images.images.shape[-2:])
+    forget = encode_images(adapter, forget_images.images, config.batch_size)
+    retain = encode_images(adapter, retain_images.images, config.batch_size) if retain_images else None
+    prompts = [""] + (list(config.prompts) if config.conditioning == "prompts" else [])
+    cond = adapter.encode_prompts(prompts, image_hw).to(device)
+    timing["encode_s"] = time.perf_counter() - t1
+
+    # ---------------------------------------------------------------- teacher and student
+    student = adapter.denoiser
+    if config.gradient_checkpointing and getattr(student, "_supports_gradient_checkpointing", False):
+        student.enable_gradient_checkpointing()
+    teacher = None
+    if config.trainable != "lora":
+        teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    trainable = select_trainable(adapter, student, config.trainable, rank=config.lora_rank, alpha=config.lora_alpha)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+
+    ctx = ErasureContext(adapter=adapter, schedule=adapter.schedule(), student=student, teacher=teacher,
+                         forget=forget, retain=retain, cond=cond, generator=generator, device=device)
+    method = method_cls(method_config, ctx)
+
+    # ---------------------------------------------------------------- phase 1
+    t2 = time.perf_counter()
+    work = method.prepare_work(len(forget))
+    bar = _Progress(work, "phase 1: fingerprint", config.quiet)
+    try:
+        prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
+    finally:
+        bar.close()
+    timing["phase1_s"] = time.perf_counter() - t2
+
+    # ---------------------------------------------------------------- phase 2
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    history: list[dict[str, float]] = []
+    bar = _Progress(config.steps, "phase 2: distil", config.quiet)
+    t3 = time.perf_counter()
+    try:
+        for step in range(1, config.steps + 1):
+            total, terms = method.loss(step, config.batch_size)
+            if not torch.isfinite(total):
+                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+                raise TrainingError(
+                    f"loss became non-finite at step {step} (term: {', '.join(bad)}): lower --lr "
+                    "or check the inputs; nothing was written to --out"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if step % config.log_every == 0 or step == config.steps or step == 1:
+                row = {"step": step, "total": float(total.detach())}
+                row.update({k: float(v) for k, v in terms.items()})
+                history.append(row)
+            bar(1, loss=f"{float(total.detach()):.4f}")
+    finally:
+        bar.close()
+    timing["phase2_s"] = time.perf_counter() - t3
+    timing["step_s"] = timing["phase2_s"] / config.steps
+
+    # ---------------------------------------------------------------- output
+    student.eval()
+    record = {
+        "config": to_dict(config),
+        "method": config.method,
+        config.method: to_dict(method_config),
+        "family": adapter.family,
+        "pipeline_class": type(pipe).__name__,
+        "versions": versions(),
+        "seed": config.seed,
+        "steps": config.steps,
+        "device": str(device),
+        "forget_images": len(forget_images),
+        "retain_images": len(retain_images) if retain_images else 0,
+        "skipped_images": len(forget_images.skipped) + (len(retain_images.skipped) if retain_images else 0),
+        "image_size": list(image_hw),
+        "latent_shape": list(forget.mean.shape[1:]),
+        "trainable": config.trainable,
+        "trainable_parameters": n_trainable,
+        "trainable_tensors": len(trainable),
+        "prepare": prepare_figures,
+        "losses": history,
+        "timing": timing,
+        "memory": peak_memory_mb(device),
+    }
+    t4 = time.perf_counter()
+    with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
+        if config.trainable == "lora":
+            save_lora(pipe, adapter, student, tmp)
+            merge_lora(student)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        artifacts = method.artifacts()
+        if artifacts:
+            from safetensors.torch import save_file
+
+            save_file({k: v.float().cpu().contiguous() for k, v in artifacts.items()}, str(tmp / "diffscrub_artifacts.safetensors"))
+        timing["save_s"] = time.perf_counter() - t4
+        timing["total_s"] = time.perf_counter() - t0
+        write_json(tmp / "diffscrub.json", record)
+    log(f"wrote {config.out}")
+    return EraseResult(config.out, record, history)
+
+
+def save_lora(pipe, adapter, model, folder) -> None:
+    """Save the LoRA weights where ``pipe.load_lora_weights(folder)`` finds them (or peft format otherwise)."""
+    state = lora_state_dict(model)
+    if hasattr(type(pipe), "save_lora_weights"):
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        type(pipe).save_lora_weights(
+            folder, **{adapter.lora_layers_kwarg(): convert_state_dict_to_diffusers(state)}, safe_serialization=True
+        )
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "lora_peft.safetensors"))

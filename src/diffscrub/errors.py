@@ -1,0 +1,28 @@
+"""Errors that the command line turns into a one-line message and exit code 2.
+
+Every error a user can cause (a bad folder, a bad config value, an unknown family)
+raises a subclass of :class:`DiffscrubError`, whose message names the offending file
+or value and says how to fix it. Anything else is a bug and keeps its traceback.
+"""
+
+
+class DiffscrubError(Exception):
+    """Base class of user-facing errors. ``str(err)`` is a single line: what, where, fix."""
+
+    exit_code = 2
+
+
+class InputError(DiffscrubError):
+    """A file, folder or model the user pointed at cannot be used."""
+
+
+class ConfigError(DiffscrubError):
+    """A configuration key or value is invalid."""
+
+
+class UnknownFamilyError(DiffscrubError):
+    """No adapter knows the pipeline's denoiser family."""
+
+
+class TrainingError(DiffscrubError):
+    """Training could not go on (for example a non-finite loss)."""

@@ -1,0 +1,66 @@
+"""The interface every erasure method implements, and the method registry."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..core.context import ErasureContext
+from ..registry import Registry
+
+#: inputs a method may declare it needs; the CLI checks them before any model loads.
+INPUTS = {
+    "forget": "--forget DIR (images of the concept)",
+    "retain": "--retain DIR (images to keep)",
+    "concept_prompt": "--concept-prompt TEXT (the concept's name)",
+    "anchor_prompt": "--anchor-prompt TEXT (what to draw instead)",
+}
+
+
+class Method:
+    """An erasure objective. The shared loop calls :meth:`prepare` once, then :meth:`loss` each step.
+
+    Subclasses set ``name``, ``config_class`` (a dataclass validated in ``__post_init__``) and
+    ``needs`` (keys of :data:`INPUTS`), and document their formula and source in the docstring.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    needs: ClassVar[frozenset[str]] = frozenset({"forget"})
+
+    def __init__(self, config, ctx: ErasureContext):
+        self.config = config
+        self.ctx = ctx
+
+    def prepare(self, progress=None, batch_size: int = 8) -> dict[str, Any]:
+        """Work done once before training (e.g. fitting prototypes); returns figures for the run record.
+
+        ``progress(n)`` advances the Phase 1 bar by ``n`` units out of :meth:`prepare_work`.
+        """
+        return {}
+
+    def prepare_work(self, n_forget: int) -> int:
+        """How many units :meth:`prepare` reports to the progress bar."""
+        return 0
+
+    def loss(self, step: int, batch_size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss for one step and its named terms (detached scalars)."""
+        raise NotImplementedError
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        """Tensors saved beside the output (e.g. prototypes), for evaluation and reports."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+METHODS: Registry[type[Method]] = Registry("method", "--method")
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()

@@ -1,0 +1,42 @@
+"""Options of the Teacher–Student Scrubber; defaults are the seed design's values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...config import check_choice, check_range, option
+
+MASK_MODES = ("cached", "online")
+
+
+@dataclass
+class TSSConfig:
+    num_prototypes: int = option(5, "K, the number of k-means prototypes of the concept")
+    t_low: int = option(300, "low end of the semantic timestep band used for fingerprinting (training units)")
+    t_high: int = option(700, "high end (exclusive) of the semantic band")
+    vectors_per_image: int = option(2000, "feature vectors kept per image for k-means")
+    fit_draws: int = option(2, "noise/timestep draws per forget image when extracting fingerprint features")
+    tau: float = option(0.6, "cosine-similarity threshold of the soft mask")
+    alpha: float = option(15.0, "slope of the soft mask's sigmoid")
+    lambda_f: float = option(1.0, "weight of the forget loss (inside the mask, to the blinded teacher)")
+    lambda_b: float = option(1.0, "weight of the background loss (outside the mask, to the original teacher)")
+    lambda_r: float = option(0.5, "weight of the retain anchor (needs --retain)")
+    mask_mode: str = option(
+        "cached",
+        "cached: one mask per forget image, detected in the semantic band and averaged over draws, computed once; "
+        "online: detected at each step's own timestep, as in the seed",
+    )
+    mask_draws: int = option(4, "draws averaged per forget image for cached masks")
+
+    def __post_init__(self):
+        check_range("tss.num_prototypes", self.num_prototypes, 1)
+        check_range("tss.t_low", self.t_low, 0)
+        check_range("tss.t_high", self.t_high, self.t_low + 1)
+        check_range("tss.vectors_per_image", self.vectors_per_image, 1)
+        check_range("tss.fit_draws", self.fit_draws, 1)
+        check_range("tss.tau", self.tau, -1.0, 1.0)
+        check_range("tss.alpha", self.alpha, 0, low_open=True)
+        for name in ("lambda_f", "lambda_b", "lambda_r"):
+            check_range(f"tss.{name}", getattr(self, name), 0)
+        check_choice("tss.mask_mode", self.mask_mode, MASK_MODES)
+        check_range("tss.mask_draws", self.mask_draws, 1)

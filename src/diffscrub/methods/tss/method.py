@@ -1,0 +1,183 @@
+"""The Teacher–Student Scrubber.
+
+Phase 1 fits K prototypes to the frozen teacher's mid-depth features of the forget images
+(semantic timestep band, spherical k-means). Phase 2 distils the student: with the soft mask
+``M = sigmoid(alpha * (max_k cos(f, p_k) - tau))`` at latent resolution,
+
+    z0_blind = (1 - M) * z0 + M * eta,          z_t_blind = a_t * z0_blind + s_t * eps
+    L_f = || M * (S(z_t) - T(z_t_blind)) ||^2   (inside: the teacher's inpainting of the region)
+    L_b = || (1 - M) * (S(z_t) - T(z_t)) ||^2   (outside: unchanged)
+    L_r = || S(z_t^r) - T(z_t^r) ||^2           (retain anchor)
+    L   = lambda_f L_f + lambda_b L_b + lambda_r L_r
+
+with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means).
+
+Cost per step, against the seed's three teacher passes and a VAE encode:
+
+* forget latents are VAE-encoded once (cached moments, a fresh posterior sample per step);
+* ``mask_mode="cached"`` (default) detects each forget image's mask once, in the semantic band
+  where features are meaningful and averaged over draws, so a step needs a single batched
+  teacher call on ``[z_t, z_t_blind, z_t^r]``;
+* ``mask_mode="online"`` (the seed's per-step detection) takes T(z_t) and the tapped features
+  from one pass, then one batched call on ``[z_t_blind, z_t^r]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ...adapters.base import concat_kwargs
+from ...concept import blind, concept_mask, fit_prototypes, subsample
+from ..base import METHODS, Method
+from .config import TSSConfig
+
+
+def masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean of ``(weight * (a - b))^2`` over every element (the seed's ``mse(a*M, b*M)``)."""
+    return ((a - b) * weight).pow(2).mean()
+
+
+@METHODS.register("tss")
+class TeacherStudentScrubber(Method):
+    name = "tss"
+    config_class = TSSConfig
+    needs = frozenset({"forget"})
+
+    def __init__(self, config: TSSConfig, ctx):
+        super().__init__(config, ctx)
+        self.prototypes: torch.Tensor | None = None  # [K, D] unit norm
+        self.masks: torch.Tensor | None = None  # [N, 1, H, W] cached masks of the forget images
+
+    # ------------------------------------------------------------------ phase 1
+    def _band_noisy(self, index: torch.Tensor):
+        ctx, cfg = self.ctx, self.config
+        z0 = ctx.forget.mean[index].to(ctx.device)  # [B, C, H, W]: the posterior mean, for stable detection
+        t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
+        return ctx.schedule.add_noise(z0, ctx.randn_like(z0), t), t
+
+    @torch.no_grad()
+    def fit(self, batch_size: int, progress=None) -> torch.Tensor:
+        """Fit the prototypes from teacher features of every forget image (null prompt)."""
+        ctx, cfg = self.ctx, self.config
+        n = len(ctx.forget)
+        vectors = []
+        for _ in range(cfg.fit_draws):
+            for start in range(0, n, batch_size):
+                index = torch.arange(start, min(n, start + batch_size))
+                z_t, t = self._band_noisy(index)
+                _, feats = ctx.teacher_predict(z_t, t, ctx.cond.take(ctx.null_index(len(index))), features=True)
+                vectors.append(subsample(feats.vectors.float().cpu(), cfg.vectors_per_image, ctx.generator))
+                if progress:
+                    progress(len(index))
+        self.prototypes = fit_prototypes(torch.cat(vectors), cfg.num_prototypes, seed=int(
+            torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
+        return self.prototypes
+
+    @torch.no_grad()
+    def detect(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher prediction and concept mask ``[B, 1, H, W]`` from one teacher pass."""
+        pred, feats = self.ctx.teacher_predict(z_t, t, cond, features=True)
+        return pred, concept_mask(feats, self.prototypes, self.config.tau, self.config.alpha, z_t.shape[-2:])
+
+    @torch.no_grad()
+    def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
+        """One mask per forget image: the mean over ``mask_draws`` semantic-band detections."""
+        ctx, cfg = self.ctx, self.config
+        n = len(ctx.forget)
+        total = torch.zeros(n, 1, *ctx.latent_hw)
+        for _ in range(cfg.mask_draws):
+            for start in range(0, n, batch_size):
+                index = torch.arange(start, min(n, start + batch_size))
+                z_t, t = self._band_noisy(index)
+                _, m = self.detect(z_t, t, ctx.cond.take(ctx.null_index(len(index))))
+                total[index] += m.float().cpu()
+                if progress:
+                    progress(len(index))
+        self.masks = total / cfg.mask_draws
+        return self.masks
+
+    def prepare(self, progress=None, batch_size: int = 8):
+        self.fit(batch_size, progress)
+        figures = {"num_prototypes": int(self.prototypes.shape[0]), "feature_dim": int(self.prototypes.shape[1])}
+        if self.config.mask_mode == "cached":
+            masks = self.cache_masks(batch_size, progress)
+            figures["mask_mean_area"] = float(masks.mean())
+        return figures
+
+    def prepare_work(self, n_forget: int) -> int:
+        """Images the progress bar of :meth:`prepare` counts."""
+        draws = self.config.fit_draws + (self.config.mask_draws if self.config.mask_mode == "cached" else 0)
+        return n_forget * draws
+
+    # ------------------------------------------------------------------ phase 2
+    def loss(self, step: int, batch_size: int):
+        ctx, cfg = self.ctx, self.config
+        index = ctx.forget_sampler.next(batch_size)
+        z0 = ctx.forget.sample(index, ctx.generator).to(ctx.device)  # [B, C, H, W]
+        b = z0.shape[0]
+        cond = ctx.cond.take(ctx.prompt_index(b))
+        t = ctx.timesteps(b)
+        eps = ctx.randn_like(z0)
+        z_t = ctx.schedule.add_noise(z0, eps, t)
+
+        use_retain = ctx.retain is not None and cfg.lambda_r > 0
+        if use_retain:
+            r_index = ctx.retain_sampler.next(batch_size)
+            z0r = ctx.retain.sample(r_index, ctx.generator).to(ctx.device)
+            cond_r = ctx.cond.take(ctx.prompt_index(len(r_index)))
+            t_r = ctx.timesteps(len(r_index))
+            z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
+
+        # Teacher targets. Inputs are concatenated along the batch so one call serves several targets.
+        if cfg.mask_mode == "cached":
+            mask = self.masks[index].to(ctx.device)  # [B, 1, H, W]
+            z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
+            parts = [(z_t, t, cond), (z_t_blind, t, cond)]
+        else:
+            t_orig, mask = self.detect(z_t, t, cond)
+            z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
+            parts = [(z_t_blind, t, cond)]
+        if use_retain:
+            parts.append((z_tr, t_r, cond_r))
+        targets, _ = ctx.teacher_predict(
+            torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), concat_kwargs([p[2] for p in parts])
+        )
+        sizes = [p[0].shape[0] for p in parts]
+        chunks = list(torch.split(targets, sizes))
+        if cfg.mask_mode == "cached":
+            t_orig = chunks.pop(0)
+        t_blind = chunks.pop(0)
+
+        # Student: forget and retain inputs in one call too.
+        s_in = [z_t] + ([z_tr] if use_retain else [])
+        s_t = [t] + ([t_r] if use_retain else [])
+        s_c = [cond] + ([cond_r] if use_retain else [])
+        student = ctx.student_predict(torch.cat(s_in), torch.cat(s_t), concat_kwargs(s_c))
+        s_forget = student[:b]
+
+        loss_f = masked_mse(s_forget, t_blind, mask)
+        loss_b = masked_mse(s_forget, t_orig, 1.0 - mask)
+        total = cfg.lambda_f * loss_f + cfg.lambda_b * loss_b
+        terms = {"forget": loss_f.detach(), "background": loss_b.detach()}
+        if use_retain:
+            loss_r = (student[b:] - chunks.pop(0)).pow(2).mean()
+            total = total + cfg.lambda_r * loss_r
+            terms["retain"] = loss_r.detach()
+        terms["mask_area"] = mask.mean().detach()
+        return total, terms
+
+    # ------------------------------------------------------------------ records
+    def artifacts(self):
+        out = {}
+        if self.prototypes is not None:
+            out["prototypes"] = self.prototypes.contiguous()
+        if self.masks is not None:
+            out["forget_masks"] = self.masks.contiguous()
+        return out
+
+    def state_dict(self):
+        return self.artifacts()
+
+    def load_state_dict(self, state):
+        self.prototypes = state.get("prototypes")
+        self.masks = state.get("forget_masks")

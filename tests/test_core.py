@@ -1,0 +1,301 @@
+"""Schedules, blinding, masks, per-step cost, config merging and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from diffscrub.concept import blind, concept_mask, fit_prototypes
+from diffscrub.adapters.base import Features
+from diffscrub.config import EraseConfig, build, merge
+from diffscrub.errors import ConfigError
+from diffscrub.schedules import DDPMSchedule, FlowSchedule, schedule_from_scheduler
+
+
+def ddpm():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
+    return DDPMSchedule(torch.cumprod(1 - betas, 0))
+
+
+SCHEDULES = {"ddpm": ddpm, "flow": FlowSchedule}
+
+
+# ----------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("kind", SCHEDULES)
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), t=st.integers(0, 999))
+def test_blinding_properties(kind, seed, t):
+    """Mask 0 leaves z_t unchanged; mask 1 replaces z0 entirely (same t and eps)."""
+    sched = SCHEDULES[kind]()
+    g = torch.Generator().manual_seed(seed)
+    z0, eps, eta = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    tt = torch.tensor([t, t])
+    z_t = sched.add_noise(z0, eps, tt)
+    zeros, ones = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
+    assert torch.equal(sched.add_noise(blind(z0, zeros, eta), eps, tt), z_t)
+    assert torch.allclose(sched.add_noise(blind(z0, ones, eta), eps, tt), sched.add_noise(eta, eps, tt), atol=1e-6)
+    # A half mask: the left half follows z0, the right half follows eta.
+    half = torch.zeros(2, 1, 8, 8)
+    half[..., 4:] = 1
+    zb = sched.add_noise(blind(z0, half, eta), eps, tt)
+    assert torch.equal(zb[..., :4], z_t[..., :4])
+
+
+def test_flow_schedule_matches_rectified_flow():
+    sched = FlowSchedule()
+    z0, eps = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    t = torch.tensor([0, 500, 999])
+    s = (t.float() / 1000).view(3, 1, 1, 1)
+    assert torch.allclose(sched.add_noise(z0, eps, t), (1 - s) * z0 + s * eps)
+    assert torch.allclose(sched.target(z0, eps, t), eps - z0)
+    assert torch.allclose(sched.predict_z0(sched.add_noise(z0, eps, t), eps - z0, t), z0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_ddpm_schedule_matches_diffusers(prediction_type):
+    from diffusers import DDIMScheduler
+
+    sched = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", prediction_type=prediction_type))
+    ref = DDIMScheduler(beta_schedule="scaled_linear")
+    z0, eps = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    t = torch.tensor([0, 10, 500, 999])
+    assert torch.allclose(sched.add_noise(z0, eps, t), ref.add_noise(z0, eps, t), atol=1e-5)
+    z_t = sched.add_noise(z0, eps, t)
+    target = sched.target(z0, eps, t)
+    assert torch.allclose(sched.predict_z0(z_t, target, t)[1:], z0[1:], atol=1e-3)
+    if prediction_type == "v_prediction":
+        assert torch.allclose(target, ref.get_velocity(z0, eps, t), atol=1e-5)
+
+
+def test_flow_scheduler_detected():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    assert isinstance(schedule_from_scheduler(FlowMatchEulerDiscreteScheduler()), FlowSchedule)
+
+
+def test_timestep_band_outside_schedule_is_refused():
+    with pytest.raises(ConfigError, match="outside the schedule"):
+        FlowSchedule().sample_timesteps(2, 300, 1200)
+
+
+# ----------------------------------------------------------------------------- detection
+def test_mask_follows_prototypes():
+    """Locations whose features point along a prototype get mask ~1, orthogonal ones ~0."""
+    proto = torch.eye(4)[:1]  # [1, 4]
+    vec = torch.zeros(1, 16, 4)
+    vec[0, :8, 0] = 3.0  # first two rows of the 4x4 grid: the concept
+    vec[0, 8:, 1] = 2.0
+    m = concept_mask(Features(vec, (4, 4)), proto, tau=0.6, alpha=15.0, latent_hw=(8, 8))
+    assert m.shape == (1, 1, 8, 8)
+    assert m[0, 0, :3].min() > 0.99 and m[0, 0, 5:].max() < 0.01
+    assert m.min() >= 0 and m.max() <= 1
+
+
+def test_prototypes_recover_directions():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)
+    data = torch.cat([c * (1 + torch.rand(200, 1, generator=g)) + 0.02 * torch.randn(200, 16, generator=g)
+                      for c in centres])
+    protos = fit_prototypes(data, 3, seed=0)
+    sims = (protos @ centres.T).amax(dim=0)
+    assert sims.min() > 0.99
+    with pytest.raises(ConfigError, match="num_prototypes=10"):
+        fit_prototypes(data[:5], 10)
+
+
+# ----------------------------------------------------------------------------- per-step cost
+@pytest.mark.parametrize("mask_mode,teacher_calls", [("cached", 1), ("online", 2)])
+def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
+    """Per step: no VAE encode, one student call, and one (cached) or two (online) teacher calls,
+    whatever the retain set; the seed's step makes three teacher calls and a VAE encode."""
+    from diffscrub.core.trainer import erase
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = tmp_path / "f", tmp_path / "r"
+    for folder in (forget, retain):
+        folder.mkdir()
+        for i in range(4):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                folder / f"{i}.png")
+    pipe = build_tiny_pipeline("sd")
+    counts = {"teacher": 0, "student": 0, "vae": 0, "training": False}
+    from diffscrub.core import context as ctx_mod
+    from diffscrub.methods.tss import method as tss_mod
+
+    real_teacher, real_student = ctx_mod.ErasureContext.teacher_predict, ctx_mod.ErasureContext.student_predict
+    real_loss = tss_mod.TeacherStudentScrubber.loss
+
+    def teacher(self, *a, **k):
+        counts["teacher"] += counts["training"]
+        return real_teacher(self, *a, **k)
+
+    def student(self, *a, **k):
+        counts["student"] += counts["training"]
+        return real_student(self, *a, **k)
+
+    def loss(self, *a, **k):
+        counts["training"] = True
+        return real_loss(self, *a, **k)
+
+    real_encode = pipe.vae.encode
+
+    def encode(*a, **k):
+        counts["vae"] += counts["training"]
+        return real_encode(*a, **k)
+
+    monkeypatch.setattr(ctx_mod.ErasureContext, "teacher_predict", teacher)
+    monkeypatch.setattr(ctx_mod.ErasureContext, "student_predict", student)
+    monkeypatch.setattr(tss_mod.TeacherStudentScrubber, "loss", loss)
+    pipe.vae.encode = encode
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=3,
+                      batch_size=2, quiet=True, device="cpu")
+    result = erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                         "mask_mode": mask_mode}, pipe=pipe, log=lambda m: None)
+    assert counts["vae"] == 0
+    assert counts["teacher"] == 3 * teacher_calls
+    assert counts["student"] == 3
+    assert "retain" in result.history[-1]
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_file_and_flags_merge(tmp_path):
+    from diffscrub.cli import build_parser, config_from_args
+
+    (tmp_path / "c.yaml").write_text("steps: 7\nlr: 0.001\ntss:\n  tau: 0.5\n  alpha: 9\n")
+    ns = build_parser().parse_args(["erase", "--config", str(tmp_path / "c.yaml"), "--steps", "9", "--tau", "0.7",
+                                    "--model", "m", "--forget", "f", "--out", "o"])
+    for key in ("_run", "command"):
+        delattr(ns, key)
+    config, tss = config_from_args(ns)
+    assert config.steps == 9 and config.lr == 0.001  # flag wins, file fills the rest
+    from diffscrub.methods.tss import TSSConfig
+
+    options = build(TSSConfig, tss, where="tss")
+    assert (options.tau, options.alpha, options.num_prototypes) == (0.7, 9.0, 5)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"stepz": 3}, "unknown key 'stepz'"),
+    ({"steps": "many"}, "steps='many' has the wrong type"),
+    ({"steps": 0}, "steps=0 is out of range"),
+    ({"trainable": "lora"}, "--lora-rank"),
+    ({"device": "tpu"}, "device='tpu' is not valid"),
+])
+def test_config_rejects(values, match):
+    with pytest.raises(ConfigError, match=match):
+        build(EraseConfig, values)
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"tau": 1.5}, "tss.tau=1.5 is out of range"),
+    ({"num_prototypes": 0}, "tss.num_prototypes=0"),
+    ({"lambda_f": -1}, "tss.lambda_f=-1"),
+    ({"t_low": 700, "t_high": 300}, "tss.t_high=300"),
+    ({"mask_mode": "sometimes"}, "tss.mask_mode"),
+    ({"kk": 1}, "unknown key 'kk' in tss"),
+])
+def test_tss_config_rejects(values, match):
+    from diffscrub.methods.tss import TSSConfig
+
+    with pytest.raises(ConfigError, match=match):
+        build(TSSConfig, values, where="tss")
+
+
+def test_merge_nested():
+    assert merge({"a": 1, "tss": {"x": 1, "y": 2}}, {"tss": {"y": 3}}) == {"a": 1, "tss": {"x": 1, "y": 3}}
+
+
+# ----------------------------------------------------------------------------- command line
+def _images(folder, n=4, size=32):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+def test_cli_end_to_end(tiny_pipeline_dirs, tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    from diffscrub.cli import main
+
+    model = tiny_pipeline_dirs("sd")
+    forget = _images(tmp_path / "forget")
+    (tmp_path / "run.toml").write_text('steps = 5\nbatch_size = 2\n[tss]\nnum_prototypes = 2\nvectors_per_image = 16\n')
+    out = tmp_path / "out"
+    rc = main(["erase", "--model", str(model), "--forget", str(forget), "--out", str(out), "--config",
+               str(tmp_path / "run.toml"), "--steps", "3", "--quiet", "--seed", "5"])
+    assert rc == 0
+    record = json.loads((out / "diffscrub.json").read_text())
+    assert record["steps"] == 3 and record["seed"] == 5 and record["config"]["batch_size"] == 2
+    assert record["tss"]["num_prototypes"] == 2 and record["tss"]["tau"] == 0.6
+    assert {"load_s", "phase1_s", "phase2_s", "total_s"} <= set(record["timing"])
+    assert record["versions"]["diffusers"]
+    assert len(record["losses"]) >= 2
+    assert DiffusionPipeline.from_pretrained(str(out)).unet is not None
+    assert not list(tmp_path.glob(".out.tmp-*"))
+    assert "erased with tss on sd" in capsys.readouterr().out
+
+
+def _err(capsys):
+    return capsys.readouterr().err.strip()
+
+
+def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
+    from diffscrub.cli import main
+
+    model = str(tiny_pipeline_dirs("sd"))
+    forget = str(_images(tmp_path / "forget"))
+    out = tmp_path / "out"
+    base = ["erase", "--model", model, "--forget", forget, "--quiet"]
+
+    assert main(["erase", "--model", model, "--forget", str(tmp_path / "none"), "--out", str(out)]) == 2
+    err = _err(capsys)
+    assert err.startswith("diffscrub: error: forget folder") and "does not exist" in err and "\n" not in err
+
+    (out).mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(base + ["--out", str(out)]) == 2
+    err = _err(capsys)
+    assert "exists and is not empty" in err and "--overwrite" in err and "\n" not in err
+    assert (out / "keep.txt").read_text() == "precious"
+
+    (tmp_path / "m.ckpt").write_bytes(b"\x80\x04")
+    assert main(["erase", "--model", str(tmp_path / "m.ckpt"), "--forget", forget, "--out", str(tmp_path / "o2")]) == 2
+    err = _err(capsys)
+    assert "pickle" in err and "--allow-pickle" in err
+
+    assert main(base + ["--out", str(tmp_path / "o3"), "--family", "unet9"]) == 2
+    assert "unknown family 'unet9'" in _err(capsys)
+
+    mixed = _images(tmp_path / "mixed", n=1)
+    Image.fromarray(np.zeros((48, 40, 3), dtype=np.uint8)).save(mixed / "big.png")
+    assert main(["erase", "--model", model, "--forget", str(mixed), "--out", str(tmp_path / "o4"), "--quiet"]) == 2
+    assert "--resolution" in _err(capsys)
+
+
+def test_overwrite_replaces_only_when_complete(tiny_pipeline_dirs, tmp_path, monkeypatch):
+    """A run that dies while saving leaves the previous output as it was."""
+    from diffscrub.cli import main
+
+    model = str(tiny_pipeline_dirs("sd"))
+    forget = str(_images(tmp_path / "forget"))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("diffusers.DiffusionPipeline.save_pretrained", boom)
+    rc = main(["erase", "--model", model, "--forget", forget, "--out", str(out), "--overwrite", "--steps", "1",
+               "--quiet", "--num-prototypes", "2", "--vectors-per-image", "8"])
+    assert rc == 2
+    assert (out / "old.txt").read_text() == "previous run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget", "out"]
