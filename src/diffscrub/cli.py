@@ -106,6 +106,21 @@ def cmd_demo(ns) -> int:
     return 0
 
 
+def cmd_bench_speed(ns) -> int:
+    from .bench.speed import bench_speed, write_json
+
+    _quiet_libraries()
+    modes = ["with retain", "without retain"] if ns.retain == "both" else [f"{ns.retain} retain"]
+    results = []
+    for mode in modes:
+        results.append(bench_speed(ns.model, batch_size=ns.batch_size, steps=ns.steps, resolution=ns.resolution,
+                                   retain=mode.startswith("with "), trainable=ns.trainable,
+                                   lora_rank=ns.lora_rank, device=ns.device, family=ns.family))
+    if ns.json:
+        write_json(results if len(results) > 1 else results[0], ns.json)
+    return 0
+
+
 def cmd_list(ns) -> int:
     from .adapters import ADAPTERS
     from .methods import METHODS
@@ -142,6 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(_run=cmd_demo)
+
+    p = sub.add_parser("bench-speed", help="seconds per training step, diffscrub's against the seed's, as a ratio")
+    p.add_argument("--model", default="toy-unet", help="pipeline to measure on (default: toy-unet)")
+    p.add_argument("--family", default=None, help="force a denoiser family")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")
+    p.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    p.add_argument("--retain", choices=("with", "without", "both"), default="both")
+    p.add_argument("--trainable", choices=("full", "attention", "lora"), default="full")
+    p.add_argument("--lora-rank", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    p.set_defaults(_run=cmd_bench_speed)
 
     p = sub.add_parser("list", help="list the supported denoiser families or erasure methods")
     p.add_argument("what", choices=("families", "methods"))

@@ -155,7 +155,7 @@ def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the run config
-TRAINABLE = ("full", "attention", "lora")
+TRAINABLE = ("full", "attention", "cross-attention", "lora")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "fp16", "bf16")
 CONDITIONING = ("null", "prompts")
@@ -182,12 +182,15 @@ class EraseConfig:
     seed: int = option(0, "seed for every random draw (timesteps, noise, k-means, batch order)")
     device: str = option("auto", "auto, cpu or cuda")
     mixed_precision: str = option("no", "no, fp16 or bf16: teacher and forward passes in half precision, trainable weights in fp32")
-    trainable: str = option("full", "which denoiser parameters train: full, attention, or lora")
+    trainable: str | None = option(None, "which denoiser parameters train: full, attention, cross-attention (text-to-image "
+                            "attention only) or lora (default: the method's own choice, full for tss)")
     lora_rank: int = option(0, "LoRA rank; > 0 selects --trainable lora")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank)")
     resolution: int | None = option(None, "resize and center-crop images to this size (needed when sizes differ)")
     conditioning: str = option("null", "null: distil at the null prompt (the seed's behaviour); prompts: use --prompts too")
     prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
+    concept_prompt: str | None = option(None, "the concept's name, for methods that need one (attention, sfd, esd)")
+    anchor_prompt: str = option("", "what to draw instead of the concept, for methods that need one (\"\" = null prompt)")
     gradient_checkpointing: bool = option(False, "recompute student activations in the backward pass to save memory")
     overwrite: bool = option(False, "replace a non-empty --out folder")
     allow_pickle: bool = option(False, "allow loading pickle (.ckpt/.bin/.pt) checkpoints, which can run arbitrary code")
@@ -196,9 +199,10 @@ class EraseConfig:
     log_every: int = option(10, "record losses every N steps")
 
     def __post_init__(self):
-        if self.lora_rank and self.trainable == "full":
+        if self.lora_rank and self.trainable in (None, "full"):
             self.trainable = "lora"
-        check_choice("trainable", self.trainable, TRAINABLE)
+        if self.trainable is not None:
+            check_choice("trainable", self.trainable, TRAINABLE)
         check_choice("device", self.device, DEVICES)
         check_choice("mixed_precision", self.mixed_precision, PRECISIONS)
         check_choice("conditioning", self.conditioning, CONDITIONING)

@@ -109,7 +109,7 @@ def load_pipeline(
     check_model_arg(model, allow_pickle=allow_pickle)
     target = resolve_model(model)
     path = pathlib.Path(target)
-    kwargs = {"torch_dtype": torch.float32}
+    kwargs = {"dtype": torch.float32}
     if path.suffix.lower() in (".safetensors",) + PICKLE_SUFFIXES:
         fam = family
         if fam is None and path.suffix.lower() == ".safetensors":

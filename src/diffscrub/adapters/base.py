@@ -210,8 +210,17 @@ class DenoiserAdapter:
         return out, None
 
     # ----------------------------------------------------------------- training parts
-    def attention_parameters(self, model: nn.Module) -> list[str]:
-        """Names of parameters inside attention modules (the ``attention`` trainable set)."""
+    #: in joint-attention blocks, the projections through which text reaches image tokens.
+    JOINT_TEXT_PROJECTIONS: ClassVar[tuple[str, ...]] = ("add_k_proj", "add_v_proj")
+
+    def attention_parameters(self, model: nn.Module, cross_only: bool = False) -> list[str]:
+        """Names of parameters inside attention modules (the ``attention`` trainable set).
+
+        With ``cross_only``: only text-to-image attention. That is every parameter of a cross-attention
+        module (UNet ``attn2``, PixArt's second attention), and in joint-attention blocks (SD3, Flux) the
+        image queries plus the text keys/values (``to_q``, ``add_k_proj``, ``add_v_proj``), which carry
+        the text-to-image part of the joint attention map.
+        """
         from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
 
@@ -219,8 +228,16 @@ class DenoiserAdapter:
         kinds = (Attention, AttentionModuleMixin)
         names = []
         for mod_name, module in model.named_modules():
-            if isinstance(module, kinds):
-                names += [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters()]
+            if not isinstance(module, kinds):
+                continue
+            prefix = f"{mod_name}." if mod_name else ""
+            joint = getattr(module, "add_k_proj", None) is not None
+            if cross_only and not joint and not getattr(module, "is_cross_attention", False):
+                continue
+            for p, _ in module.named_parameters():
+                if cross_only and joint and not p.startswith(("to_q.",) + tuple(f"{j}." for j in self.JOINT_TEXT_PROJECTIONS)):
+                    continue
+                names.append(prefix + p)
         return sorted(set(names))
 
     def lora_layers_kwarg(self) -> str:

@@ -83,6 +83,9 @@ class ErasureContext:
     device: torch.device
     dtype: torch.dtype = torch.float32
     autocast: Any = field(default=contextlib.nullcontext)
+    image_hw: tuple[int, int] = (0, 0)
+    concept_prompt: str | None = None
+    anchor_prompt: str = ""
     forget_sampler: BatchSampler | None = None
     retain_sampler: BatchSampler | None = None
 
@@ -90,6 +93,10 @@ class ErasureContext:
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)
         if self.retain is not None:
             self.retain_sampler = BatchSampler(len(self.retain), self.generator)
+
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        """Conditioning for extra prompts (e.g. a method's concept and anchor), on the run's device."""
+        return self.adapter.encode_prompts(list(prompts), self.image_hw).to(self.device)
 
     @property
     def latent_hw(self) -> tuple[int, int]:

@@ -22,10 +22,10 @@ def select_trainable(adapter: DenoiserAdapter, model: nn.Module, mode: str, *, r
     model.requires_grad_(False)
     if mode == "full":
         model.requires_grad_(True)
-    elif mode == "attention":
-        names = set(adapter.attention_parameters(model))
+    elif mode in ("attention", "cross-attention"):
+        names = set(adapter.attention_parameters(model, cross_only=mode == "cross-attention"))
         if not names:
-            raise ConfigError(f"trainable='attention': the {adapter.family} denoiser has no attention modules")
+            raise ConfigError(f"trainable={mode!r}: the {adapter.family} denoiser has no such attention parameters")
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
     elif mode == "lora":

@@ -71,8 +71,9 @@ def preflight(config: EraseConfig, method_cls) -> None:
     from ..loading import check_model_arg
 
     config.require_paths()
-    if "retain" in method_cls.needs and not config.retain:
-        raise ConfigError(f"method {method_cls.name!r} needs {INPUTS['retain']}")
+    for need, flag in (("retain", config.retain), ("concept_prompt", config.concept_prompt)):
+        if need in method_cls.needs and not flag:
+            raise ConfigError(f"method {method_cls.name!r} needs {INPUTS[need]}")
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
@@ -120,29 +121,40 @@ class _Progress:
             self.bar.close()
 
 
-def erase(
+@dataclass
+class Run:
+    """Everything set up for a run, before Phase 1: used by :func:`erase` and the benchmarks."""
+
+    config: EraseConfig
+    method_config: Any
+    pipe: Any
+    adapter: Any
+    ctx: ErasureContext
+    method: Any
+    params: list
+    forget_images: Any
+    retain_images: Any
+    timing: dict[str, float]
+    started: float
+
+
+def setup_run(
     config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
-) -> EraseResult:
-    """Erase the concept shown in ``config.forget`` from ``config.model`` and write ``config.out``.
-
-    Args:
-        config: the run configuration (validated on construction).
-        method_config: the method's options dataclass (or a dict of them); defaults if omitted.
-        pipe: an already-loaded pipeline to use instead of loading ``config.model`` (library use).
-        log: where one-line notices go (warnings about skipped images, the output path).
-
-    Returns:
-        An :class:`EraseResult` with the output folder and the run record saved as ``diffscrub.json``.
-    """
+    check_output: bool = True,
+) -> Run:
+    """Checks, image loading, model loading, latent caching, conditioning, teacher/student and method."""
     from ..data import load_image_folder
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     method_cls, method_config = resolve_method_config(config, method_config)
+    if config.trainable is None:
+        config.trainable = method_cls.default_trainable
     if pipe is None:
         preflight(config, method_cls)
     else:
         config.require_paths()
-        check_output_dir(config.out, overwrite=config.overwrite)
+        if check_output:
+            check_output_dir(config.out, overwrite=config.overwrite)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
@@ -188,14 +200,38 @@ def erase(
     teacher = None
     if config.trainable != "lora":
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
-    trainable = select_trainable(adapter, student, config.trainable, rank=config.lora_rank, alpha=config.lora_alpha)
+    select_trainable(adapter, student, config.trainable, rank=config.lora_rank, alpha=config.lora_alpha)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
 
     ctx = ErasureContext(adapter=adapter, schedule=adapter.schedule(), student=student, teacher=teacher,
-                         forget=forget, retain=retain, cond=cond, generator=generator, device=device)
+                         forget=forget, retain=retain, cond=cond, generator=generator, device=device,
+                         image_hw=image_hw, concept_prompt=config.concept_prompt, anchor_prompt=config.anchor_prompt)
     method = method_cls(method_config, ctx)
+
+    return Run(config, method_config, pipe, adapter, ctx, method, params, forget_images, retain_images, timing, t0)
+
+
+def erase(
+    config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
+) -> EraseResult:
+    """Erase the concept shown in ``config.forget`` from ``config.model`` and write ``config.out``.
+
+    Args:
+        config: the run configuration (validated on construction).
+        method_config: the method's options dataclass (or a dict of them); defaults if omitted.
+        pipe: an already-loaded pipeline to use instead of loading ``config.model`` (library use).
+        log: where one-line notices go (warnings about skipped images, the output path).
+
+    Returns:
+        An :class:`EraseResult` with the output folder and the run record saved as ``diffscrub.json``.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    run = setup_run(config, method_config, pipe=pipe, log=log)
+    pipe, adapter, ctx, method, params = run.pipe, run.adapter, run.ctx, run.method, run.params
+    method_config, timing, t0 = run.method_config, run.timing, run.started
+    forget_images, retain_images = run.forget_images, run.retain_images
+    forget, student, device = ctx.forget, ctx.student, ctx.device
 
     # ---------------------------------------------------------------- phase 1
     t2 = time.perf_counter()
@@ -250,11 +286,11 @@ def erase(
         "forget_images": len(forget_images),
         "retain_images": len(retain_images) if retain_images else 0,
         "skipped_images": len(forget_images.skipped) + (len(retain_images.skipped) if retain_images else 0),
-        "image_size": list(image_hw),
+        "image_size": list(forget_images.images.shape[-2:]),
         "latent_shape": list(forget.mean.shape[1:]),
         "trainable": config.trainable,
-        "trainable_parameters": n_trainable,
-        "trainable_tensors": len(trainable),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "trainable_tensors": len(params),
         "prepare": prepare_figures,
         "losses": history,
         "timing": timing,

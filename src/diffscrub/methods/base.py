@@ -28,6 +28,8 @@ class Method:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     needs: ClassVar[frozenset[str]] = frozenset({"forget"})
+    #: parameters trained when the user does not pass --trainable (full, attention, cross-attention, lora).
+    default_trainable: ClassVar[str] = "full"
 
     def __init__(self, config, ctx: ErasureContext):
         self.config = config
