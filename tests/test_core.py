@@ -109,6 +109,26 @@ def test_prototypes_recover_directions():
         fit_prototypes(data[:5], 10)
 
 
+def test_contrastive_selection_drops_shared_prototypes():
+    """A prototype that fires on retain features as often as on forget ones (a background) is dropped;
+    one that fires only on forget features (the concept) is kept."""
+    from diffscrub.concept import select_prototypes
+
+    concept, background, other = torch.eye(8)[:3]
+    protos = torch.stack([concept, background])
+    g = torch.Generator().manual_seed(0)
+    noise = lambda n: 0.05 * torch.randn(n, 8, generator=g)  # noqa: E731
+    forget = torch.cat([concept + noise(20), background + noise(80)])
+    retain = torch.cat([background + noise(70), other + noise(30)])
+    sel = select_prototypes(protos, forget, retain, tau=0.6, ratio=2.0)
+    assert sel.keep.tolist() == [True, False]
+    assert sel.forget_rate[0] == pytest.approx(0.2) and sel.retain_rate[0] == 0
+    assert sel.forget_rate[1] == pytest.approx(0.8) and sel.retain_rate[1] == pytest.approx(0.7)
+    # Nothing passes: the most forget-specific prototype is kept so the detector is never blind.
+    sel = select_prototypes(protos, forget, torch.cat([retain, concept + noise(5)]), tau=0.6, ratio=1e6)
+    assert sel.keep.tolist() == [True, False] and sel.retain_rate[0] > 0
+
+
 # ----------------------------------------------------------------------------- per-step cost
 @pytest.mark.parametrize("mask_mode,teacher_calls", [("cached", 1), ("online", 2)])
 def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):

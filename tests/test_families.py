@@ -21,7 +21,8 @@ from tiny_pipelines import FAMILIES, build_tiny_pipeline
 
 EXPECTED_FAMILY = {"sd": "sd", "sd-v": "sd", "sdxl": "sdxl", "dit": "dit", "pixart": "pixart", "sd3": "sd3",
                    "flux": "flux"}
-TSS_FAST = {"num_prototypes": 3, "vectors_per_image": 32, "fit_draws": 1, "mask_draws": 1}
+TSS_FAST = {"num_prototypes": 3, "vectors_per_image": 32, "fit_draws": 1, "mask_draws": 1, "contrast_samples": 4,
+            "contrast_sample_steps": 2}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +67,13 @@ def test_family_end_to_end(name, forget_dir, tmp_path):
 
     # Prototypes: unit norm; masks: latent shape, values in [0, 1].
     artifacts = load_file(str(tmp_path / "out" / "diffscrub_artifacts.safetensors"))
-    protos = artifacts["prototypes"]
-    assert protos.shape[0] == TSS_FAST["num_prototypes"]
+    protos, every = artifacts["prototypes"], artifacts["all_prototypes"]
+    assert every.shape[0] == TSS_FAST["num_prototypes"]
+    kept = artifacts["prototype_kept"].bool()
+    assert 1 <= protos.shape[0] == int(kept.sum())
+    assert torch.equal(protos, every[kept])
     assert torch.allclose(protos.norm(dim=-1), torch.ones(len(protos)), atol=1e-5)
+    assert record["prepare"]["prototypes_kept"] == protos.shape[0]
     masks = artifacts["forget_masks"]
     assert tuple(masks.shape) == (6, 1, *record["latent_shape"][1:])
     assert masks.min() >= 0 and masks.max() <= 1

@@ -170,6 +170,27 @@ class DenoiserAdapter:
         """Conditioning for each prompt, with the frozen text encoders. ``""`` is the null prompt."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------- sampling with the pipeline
+    def pipeline_inputs(self, prompts: list[str], image_hw: tuple[int, int]) -> dict[str, Any]:
+        """Keyword arguments for ``pipe(...)`` that ask for ``prompts`` at ``image_hw``."""
+        h, w = image_hw
+        return {"prompt": list(prompts), "height": h, "width": w}
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], image_hw: tuple[int, int], *, steps: int = 20,
+                 seed: int = 0) -> torch.Tensor:
+        """Images ``[N, 3, H, W]`` in [-1, 1] sampled by the pipeline's own sampler (current weights)."""
+        pipe = self.pipe
+        was = getattr(pipe, "_progress_bar_config", None)
+        pipe.set_progress_bar_config(disable=True)
+        try:
+            gen = torch.Generator("cpu").manual_seed(seed)
+            out = pipe(**self.pipeline_inputs(prompts, image_hw), num_inference_steps=steps, generator=gen,
+                       output_type="pt").images
+        finally:
+            pipe._progress_bar_config = was if was is not None else {}
+        return out.float().cpu() * 2 - 1
+
     # ----------------------------------------------------------------- calling
     def call(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         """Raw prediction in the core's layout ``[B, C_out, H, W]`` (``C_out = 2C`` with learned variance)."""

@@ -53,6 +53,15 @@ class DiTAdapter(_PatchTransformerAdapter):
                 raise InputError(f"DiT prompt {p!r} is not a class label of this model: use one of {known}, ...")
         return ids
 
+    def pipeline_inputs(self, prompts, image_hw):
+        # DiTPipeline samples at its native size and has no null class in its inputs: an empty prompt
+        # means "any class", drawn uniformly.
+        ids = [i if i != int(self.denoiser.config.num_embeds_ada_norm) else None for i in self.class_ids(list(prompts))]
+        labels = sorted(set((getattr(self.pipe, "labels", {}) or {}).values())) or list(range(10))
+        rng = torch.Generator().manual_seed(len(prompts))
+        ids = [i if i is not None else labels[int(torch.randint(len(labels), (1,), generator=rng))] for i in ids]
+        return {"class_labels": ids}
+
     def encode_prompts(self, prompts, image_hw):
         ids = torch.tensor(self.class_ids(list(prompts)), dtype=torch.long, device=self.denoiser.device)
         return Conditioning(list(prompts), {"class_labels": ids})  # [P]
@@ -69,6 +78,14 @@ class PixArtAdapter(_PatchTransformerAdapter):
     description = "PixArt-α / Σ (T5 cross-attention, learned sigma)"
     pipeline_prefixes = ("PixArt",)
     denoiser_classes = ("PixArtTransformer2DModel",)
+
+    def pipeline_inputs(self, prompts, image_hw):
+        # Resolution binning snaps to the 256-1024 px tables; erasure trains at the images' own size.
+        return {**super().pipeline_inputs(prompts, image_hw), "use_resolution_binning": False,
+                "max_sequence_length": self._max_len()}
+
+    def _max_len(self) -> int:
+        return min(120, int(getattr(self.pipe.tokenizer, "model_max_length", 120)))
 
     @torch.no_grad()
     def encode_prompts(self, prompts, image_hw):

@@ -33,6 +33,13 @@ class SD3Adapter(DenoiserAdapter):
     denoiser_classes = ("SD3Transformer2DModel",)
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
+    def _max_len(self) -> int:
+        tok = self.pipe.tokenizer_3 if getattr(self.pipe, "tokenizer_3", None) is not None else self.pipe.tokenizer
+        return min(256, int(getattr(tok, "model_max_length", 256)))
+
+    def pipeline_inputs(self, prompts, image_hw):
+        return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
+
     @torch.no_grad()
     def encode_prompts(self, prompts, image_hw):
         prompts = list(prompts)
@@ -75,6 +82,12 @@ class FluxAdapter(DenoiserAdapter):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     #: guidance value fed to the guidance embedding (the pipeline's default).
     guidance_scale: float = 3.5
+
+    def _max_len(self) -> int:
+        return min(512, int(getattr(self.pipe.tokenizer_2, "model_max_length", 512)))
+
+    def pipeline_inputs(self, prompts, image_hw):
+        return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
 
     @torch.no_grad()
     def encode_prompts(self, prompts, image_hw):

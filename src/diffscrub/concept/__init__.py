@@ -1,6 +1,8 @@
 """Unsupervised concept detection: prototypes from teacher features, masks by cosine similarity."""
 
+from .contrast import PrototypeSelection, select_prototypes
 from .mask import blind, concept_mask, similarity, soft_mask, to_latent
 from .prototypes import fit_prototypes, subsample
 
-__all__ = ["blind", "concept_mask", "fit_prototypes", "similarity", "soft_mask", "subsample", "to_latent"]
+__all__ = [
+    "PrototypeSelection", "select_prototypes","blind", "concept_mask", "fit_prototypes", "similarity", "soft_mask", "subsample", "to_latent"]

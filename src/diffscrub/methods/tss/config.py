@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import check_choice, check_range, option
+from ...errors import ConfigError
 
 MASK_MODES = ("cached", "online")
 
@@ -27,6 +28,14 @@ class TSSConfig:
         "online: detected at each step's own timestep, as in the seed",
     )
     mask_draws: int = option(4, "draws averaged per forget image for cached masks")
+    contrastive: bool = option(
+        True,
+        "keep only prototypes that detect forget locations at least contrast_ratio times as often as retain "
+        "locations (retain folder, else images the model generates under the null prompt)",
+    )
+    contrast_ratio: float = option(2.0, "how much more often a kept prototype must fire on forget than on retain")
+    contrast_samples: int = option(32, "null-prompt samples generated as retain features when no retain folder is given")
+    contrast_sample_steps: int = option(20, "sampler steps for those samples")
 
     def __post_init__(self):
         check_range("tss.num_prototypes", self.num_prototypes, 1)
@@ -40,3 +49,8 @@ class TSSConfig:
             check_range(f"tss.{name}", getattr(self, name), 0)
         check_choice("tss.mask_mode", self.mask_mode, MASK_MODES)
         check_range("tss.mask_draws", self.mask_draws, 1)
+        check_range("tss.contrast_ratio", self.contrast_ratio, 0)
+        check_range("tss.contrast_samples", self.contrast_samples, 1)
+        check_range("tss.contrast_sample_steps", self.contrast_sample_steps, 1)
+        if self.t_high > 1000:
+            raise ConfigError(f"tss.t_high={self.t_high} is outside the 1000-step schedule: use at most 1000")

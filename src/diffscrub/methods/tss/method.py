@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.base import concat_kwargs
-from ...concept import blind, concept_mask, fit_prototypes, subsample
+from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample
 from ..base import METHODS, Method
 from .config import TSSConfig
 
@@ -45,32 +45,55 @@ class TeacherStudentScrubber(Method):
 
     def __init__(self, config: TSSConfig, ctx):
         super().__init__(config, ctx)
-        self.prototypes: torch.Tensor | None = None  # [K, D] unit norm
+        self.prototypes: torch.Tensor | None = None  # [K', D] unit norm: the ones the detector uses
+        self.all_prototypes: torch.Tensor | None = None  # [K, D] every k-means centre
+        self.selection = None  # PrototypeSelection when contrastive
         self.masks: torch.Tensor | None = None  # [N, 1, H, W] cached masks of the forget images
 
     # ------------------------------------------------------------------ phase 1
-    def _band_noisy(self, index: torch.Tensor):
+    def _band_vectors(self, cache, progress=None) -> torch.Tensor:
+        """Subsampled teacher features of every image of ``cache`` in the semantic band: ``[M, D]``."""
         ctx, cfg = self.ctx, self.config
-        z0 = ctx.forget.mean[index].to(ctx.device)  # [B, C, H, W]: the posterior mean, for stable detection
-        t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
-        return ctx.schedule.add_noise(z0, ctx.randn_like(z0), t), t
-
-    @torch.no_grad()
-    def fit(self, batch_size: int, progress=None) -> torch.Tensor:
-        """Fit the prototypes from teacher features of every forget image (null prompt)."""
-        ctx, cfg = self.ctx, self.config
-        n = len(ctx.forget)
-        vectors = []
+        n, vectors = len(cache), []
         for _ in range(cfg.fit_draws):
-            for start in range(0, n, batch_size):
-                index = torch.arange(start, min(n, start + batch_size))
-                z_t, t = self._band_noisy(index)
+            for start in range(0, n, self._batch):
+                index = torch.arange(start, min(n, start + self._batch))
+                z0 = cache.mean[index].to(ctx.device)  # posterior mean, for stable detection
+                t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
+                z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
                 _, feats = ctx.teacher_predict(z_t, t, ctx.cond.take(ctx.null_index(len(index))), features=True)
                 vectors.append(subsample(feats.vectors.float().cpu(), cfg.vectors_per_image, ctx.generator))
                 if progress:
                     progress(len(index))
-        self.prototypes = fit_prototypes(torch.cat(vectors), cfg.num_prototypes, seed=int(
-            torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator)))
+        return torch.cat(vectors)
+
+    def _contrast_cache(self):
+        """Retain latents, or latents of null-prompt samples the model generates itself."""
+        ctx, cfg = self.ctx, self.config
+        if ctx.retain is not None:
+            return ctx.retain
+        from ...core.context import LatentCache
+
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+        images = ctx.adapter.generate([""] * cfg.contrast_samples, ctx.image_hw, steps=cfg.contrast_sample_steps,
+                                      seed=seed)
+        mean, std = ctx.adapter.encode_moments(images.to(ctx.device))
+        return LatentCache(mean.cpu(), std.cpu())
+
+    @torch.no_grad()
+    def fit(self, batch_size: int, progress=None) -> torch.Tensor:
+        """Fit prototypes to teacher features of the forget images (null prompt); keep the contrastive ones."""
+        ctx, cfg = self.ctx, self.config
+        self._batch = batch_size
+        forget_vectors = self._band_vectors(ctx.forget, progress)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+        self.all_prototypes = fit_prototypes(forget_vectors, cfg.num_prototypes, seed=seed)
+        self.prototypes = self.all_prototypes
+        if cfg.contrastive:
+            retain_vectors = self._band_vectors(self._contrast_cache())
+            self.selection = select_prototypes(self.all_prototypes, forget_vectors, retain_vectors, cfg.tau,
+                                               cfg.contrast_ratio)
+            self.prototypes = self.all_prototypes[self.selection.keep]
         return self.prototypes
 
     @torch.no_grad()
@@ -88,7 +111,9 @@ class TeacherStudentScrubber(Method):
         for _ in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
-                z_t, t = self._band_noisy(index)
+                z0 = ctx.forget.mean[index].to(ctx.device)
+                t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
+                z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
                 _, m = self.detect(z_t, t, ctx.cond.take(ctx.null_index(len(index))))
                 total[index] += m.float().cpu()
                 if progress:
@@ -98,14 +123,17 @@ class TeacherStudentScrubber(Method):
 
     def prepare(self, progress=None, batch_size: int = 8):
         self.fit(batch_size, progress)
-        figures = {"num_prototypes": int(self.prototypes.shape[0]), "feature_dim": int(self.prototypes.shape[1])}
+        figures = {"num_prototypes": int(self.all_prototypes.shape[0]), "prototypes_kept": int(self.prototypes.shape[0]),
+                   "feature_dim": int(self.prototypes.shape[1])}
+        if self.selection is not None:
+            figures["prototype_selection"] = self.selection.as_dict()
         if self.config.mask_mode == "cached":
             masks = self.cache_masks(batch_size, progress)
             figures["mask_mean_area"] = float(masks.mean())
         return figures
 
     def prepare_work(self, n_forget: int) -> int:
-        """Images the progress bar of :meth:`prepare` counts."""
+        """Forget images the progress bar of :meth:`prepare` counts (fingerprint and mask passes)."""
         draws = self.config.fit_draws + (self.config.mask_draws if self.config.mask_mode == "cached" else 0)
         return n_forget * draws
 
@@ -171,6 +199,12 @@ class TeacherStudentScrubber(Method):
         out = {}
         if self.prototypes is not None:
             out["prototypes"] = self.prototypes.contiguous()
+        if self.all_prototypes is not None:
+            out["all_prototypes"] = self.all_prototypes.contiguous()
+        if self.selection is not None:
+            out["prototype_kept"] = self.selection.keep.float()
+            out["prototype_forget_rate"] = self.selection.forget_rate.float()
+            out["prototype_retain_rate"] = self.selection.retain_rate.float()
         if self.masks is not None:
             out["forget_masks"] = self.masks.contiguous()
         return out
@@ -180,4 +214,5 @@ class TeacherStudentScrubber(Method):
 
     def load_state_dict(self, state):
         self.prototypes = state.get("prototypes")
+        self.all_prototypes = state.get("all_prototypes", self.prototypes)
         self.masks = state.get("forget_masks")
