@@ -174,13 +174,50 @@ def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
     monkeypatch.setattr(tss_mod.TeacherStudentScrubber, "loss", loss)
     pipe.vae.encode = encode
     cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=3,
-                      batch_size=2, quiet=True, device="cpu")
+                      batch_size=2, quiet=True, device="cpu", conditioning="null")
     result = erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
                          "mask_mode": mask_mode}, pipe=pipe, log=lambda m: None)
     assert counts["vae"] == 0
     assert counts["teacher"] == 3 * teacher_calls
     assert counts["student"] == 3
     assert "retain" in result.history[-1]
+
+
+def test_nearest_words_only_whole_words():
+    from diffscrub.concept.inversion import nearest_words
+    from diffscrub.toy.tokenizers import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    vocab = tok.get_vocab()
+    matrix = torch.randn(len(vocab), 8, generator=torch.Generator().manual_seed(0))
+    target = torch.zeros(8)
+    target[0] = 1.0
+    near = target.clone()
+    near[1] = 0.2
+    # "s" points exactly along the target but is a byte piece, not a word; "seven" is exact, "7" close.
+    for word, vec in (("seven</w>", target * 3), ("7</w>", near), ("s", target)):
+        matrix[vocab[word]] = vec
+    words = nearest_words(matrix, target, tok, k=2, exclude=set(tok.all_special_ids))
+    assert words == ["seven", "7"]
+
+
+def test_conditioning_null_keeps_seed_pool(tmp_path):
+    """--conditioning null distils at the null prompt only (the seed's behaviour), and an explicit
+    --conditioning inversion on a model without a text encoder is refused."""
+    from diffscrub.core.trainer import erase
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    options = {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1, "contrast_samples": 2,
+               "contrast_sample_steps": 2}
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", conditioning="null")
+    result = erase(cfg, options, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    assert result.record["conditioning"]["pool"] == [""]
+    cfg = EraseConfig(model="dit", forget=str(forget), out=str(tmp_path / "o2"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", conditioning="inversion")
+    with pytest.raises(ConfigError, match="--conditioning null"):
+        erase(cfg, options, pipe=build_tiny_pipeline("dit"), log=lambda m: None)
 
 
 # ----------------------------------------------------------------------------- config
@@ -247,10 +284,11 @@ def test_cli_end_to_end(tiny_pipeline_dirs, tmp_path, capsys):
 
     model = tiny_pipeline_dirs("sd")
     forget = _images(tmp_path / "forget")
-    (tmp_path / "run.toml").write_text('steps = 5\nbatch_size = 2\n[tss]\nnum_prototypes = 2\nvectors_per_image = 16\n')
+    (tmp_path / "run.toml").write_text('steps = 5\nbatch_size = 2\n[tss]\nnum_prototypes = 2\nvectors_per_image = 16\n'
+                                       'contrast_samples = 2\ncontrast_sample_steps = 2\n')
     out = tmp_path / "out"
     rc = main(["erase", "--model", str(model), "--forget", str(forget), "--out", str(out), "--config",
-               str(tmp_path / "run.toml"), "--steps", "3", "--quiet", "--seed", "5"])
+               str(tmp_path / "run.toml"), "--steps", "3", "--quiet", "--seed", "5", "--inversion-steps", "2"])
     assert rc == 0
     record = json.loads((out / "diffscrub.json").read_text())
     assert record["steps"] == 3 and record["seed"] == 5 and record["config"]["batch_size"] == 2
@@ -315,7 +353,8 @@ def test_overwrite_replaces_only_when_complete(tiny_pipeline_dirs, tmp_path, mon
 
     monkeypatch.setattr("diffusers.DiffusionPipeline.save_pretrained", boom)
     rc = main(["erase", "--model", model, "--forget", forget, "--out", str(out), "--overwrite", "--steps", "1",
-               "--quiet", "--num-prototypes", "2", "--vectors-per-image", "8"])
+               "--quiet", "--num-prototypes", "2", "--vectors-per-image", "8", "--conditioning", "null",
+               "--contrast-samples", "2", "--contrast-sample-steps", "2"])
     assert rc == 2
     assert (out / "old.txt").read_text() == "previous run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["forget", "out"]

@@ -41,7 +41,8 @@ def forget_dir(tmp_path_factory):
 def run_erase(name, forget_dir, out, trainable="full", **extra):
     pipe = build_tiny_pipeline(name)
     cfg = EraseConfig(model=name, forget=str(forget_dir), out=str(out), steps=2, batch_size=3, quiet=True,
-                      device="cpu", trainable=trainable, lora_rank=2 if trainable == "lora" else 0, seed=0, **extra)
+                      device="cpu", trainable=trainable, lora_rank=2 if trainable == "lora" else 0, seed=0,
+                      inversion_steps=2, **extra)
     before = {k: v.detach().clone() for k, v in adapter_for(pipe).denoiser.state_dict().items()}
     result = erase(cfg, dict(TSS_FAST), pipe=pipe, log=lambda m: None)
     return pipe, before, result
@@ -74,6 +75,14 @@ def test_family_end_to_end(name, forget_dir, tmp_path):
     assert torch.equal(protos, every[kept])
     assert torch.allclose(protos.norm(dim=-1), torch.ones(len(protos)), atol=1e-5)
     assert record["prepare"]["prototypes_kept"] == protos.shape[0]
+
+    # Textual inversion grew the pool (text families) and left the saved tokenizers/encoders as they were.
+    pool = record["conditioning"]["pool"]
+    if name == "dit":
+        assert pool == [""]
+    else:
+        assert pool[0] == "" and pool[-1] == "<concept>"
+        assert pool[1:-1] == record["conditioning"]["nearest_words"]
     masks = artifacts["forget_masks"]
     assert tuple(masks.shape) == (6, 1, *record["latent_shape"][1:])
     assert masks.min() >= 0 and masks.max() <= 1
@@ -81,6 +90,12 @@ def test_family_end_to_end(name, forget_dir, tmp_path):
     # The saved folder reloads with plain diffusers and samples.
     reloaded = DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
     assert type(reloaded).__name__ == type(pipe).__name__
+    original = build_tiny_pipeline(name)
+    for tok_name, enc_name in adapter.text_encoder_pairs:
+        assert len(getattr(reloaded, tok_name)) == len(getattr(original, tok_name))
+        assert "<concept>" not in getattr(reloaded, tok_name).get_vocab()
+        for key, value in getattr(original, enc_name).state_dict().items():
+            assert torch.equal(value, getattr(reloaded, enc_name).state_dict()[key]), (enc_name, key)
     reloaded_denoiser = adapter_for(reloaded).denoiser
     for key, value in reloaded_denoiser.state_dict().items():
         assert torch.equal(value, after[key]), key

@@ -158,7 +158,7 @@ def read_config_file(path: str | pathlib.Path) -> dict[str, Any]:
 TRAINABLE = ("full", "attention", "cross-attention", "lora")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("no", "fp16", "bf16")
-CONDITIONING = ("null", "prompts")
+CONDITIONING = ("auto", "null", "inversion", "prompts")
 
 
 @dataclass
@@ -187,7 +187,15 @@ class EraseConfig:
     lora_rank: int = option(0, "LoRA rank; > 0 selects --trainable lora")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank)")
     resolution: int | None = option(None, "resize and center-crop images to this size (needed when sizes differ)")
-    conditioning: str = option("null", "null: distil at the null prompt (the seed's behaviour); prompts: use --prompts too")
+    conditioning: str = option(
+        "auto",
+        "conditioning pool of the student: null (the null prompt only, the seed's behaviour); inversion (also the "
+        "words textual inversion finds for the forget images, and the learned pseudo-token); prompts (null + "
+        "--prompts); auto = inversion when the pipeline has a text encoder, else null",
+    )
+    inversion_steps: int = option(100, "textual-inversion steps used to name the concept")
+    inversion_lr: float = option(5e-3, "textual-inversion learning rate")
+    inversion_words: int = option(3, "nearest vocabulary words added to the conditioning pool")
     prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
     concept_prompt: str | None = option(None, "the concept's name, for methods that need one (attention, sfd, esd)")
     anchor_prompt: str = option("", "what to draw instead of the concept, for methods that need one (\"\" = null prompt)")
@@ -211,6 +219,9 @@ class EraseConfig:
         check_range("lr", self.lr, 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("log_every", self.log_every, 1)
+        check_range("inversion_steps", self.inversion_steps, 1)
+        check_range("inversion_lr", self.inversion_lr, 0, low_open=True)
+        check_range("inversion_words", self.inversion_words, 0)
         check_range("lora_rank", self.lora_rank, 0)
         if self.trainable == "lora" and self.lora_rank < 1:
             raise ConfigError("trainable='lora' needs a rank: pass --lora-rank N (for example 4)")

@@ -112,7 +112,8 @@ def format_table(before: dict, after: dict) -> str:
 
 
 def run_demo(out: str = "demo-out", steps: int | None = None, overwrite: bool = False, quiet: bool = False,
-             concept: str = "7") -> dict:
+             concept: str = "7", *, set_size: int = 64, measure_n: int = MEASURE_N, grid_seeds: int = GRID_SEEDS,
+             tss_options: dict | None = None) -> dict:
     """Run the demo into ``out`` (written to a temporary sibling, renamed when complete)."""
     from diffusers import DiffusionPipeline
 
@@ -127,12 +128,12 @@ def run_demo(out: str = "demo-out", steps: int | None = None, overwrite: bool = 
     started = time.perf_counter()
     with atomic_dir(out_path, overwrite=overwrite) as tmp:
         say(f"1/4 making forget and retain sets for concept {concept!r}")
-        make_sets(concept, tmp / "sets", n=64, seed=0)
+        make_sets(concept, tmp / "sets", n=set_size, seed=0)
         say("2/4 erasing with the Teacher-Student Scrubber")
         config = EraseConfig(model="toy-unet", forget=str(tmp / "sets" / "forget"), retain=str(tmp / "sets" / "retain"),
                              out=str(tmp / "erased"), steps=steps or DEMO_STEPS, quiet=quiet, device="cpu",
                              seed=0, **DEMO_OPTIONS)
-        result = erase(config, log=lambda m: None)
+        result = erase(config, tss_options, log=lambda m: None)
         say("3/4 sampling before/after on fixed seeds")
         reference = DiffusionPipeline.from_pretrained(str(resolve_toy_model("toy-unet")))
         erased = DiffusionPipeline.from_pretrained(str(tmp / "erased"))
@@ -140,10 +141,11 @@ def run_demo(out: str = "demo-out", steps: int | None = None, overwrite: bool = 
             pipe.set_progress_bar_config(disable=True)
         sets = demo_prompts(concept)
         grid_prompts = ["", sets["concept"][0], sets["concept"][1], sets["other"][0], sets["other"][7]]
-        before_after_grid(reference, erased, grid_prompts, GRID_SEEDS, tmp / "before_after.png")
+        before_after_grid(reference, erased, grid_prompts, grid_seeds, tmp / "before_after.png")
         say("4/4 measuring with the oracle")
         oracle = Oracle.load()
-        before, after = measure(reference, oracle, concept), measure(erased, oracle, concept)
+        before = measure(reference, oracle, concept, n=measure_n)
+        after = measure(erased, oracle, concept, n=measure_n)
         table = format_table(before, after)
         summary = {"concept": concept, "before": before, "after": after, "grid_prompts": grid_prompts,
                    "erase_seconds": result.record["timing"]["total_s"],

@@ -50,6 +50,10 @@ class Conditioning:
         """Denoiser kwargs for a batch: prompt ``index[b]`` for sample ``b``; index ``[B]`` long."""
         return _map_tensors(self.kwargs, lambda x: x.index_select(0, index.to(x.device)))
 
+    def extend(self, other: "Conditioning") -> "Conditioning":
+        """The pool of both, ``self``'s prompts first."""
+        return Conditioning(self.prompts + other.prompts, concat_kwargs([self.kwargs, other.kwargs]))
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(x):
             return x.to(device=device, dtype=dtype if x.is_floating_point() and dtype else None)
@@ -166,8 +170,18 @@ class DenoiserAdapter:
         return vae.decode((z0 / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
 
     # ----------------------------------------------------------------- conditioning
-    def encode_prompts(self, prompts: list[str], image_hw: tuple[int, int]) -> Conditioning:
-        """Conditioning for each prompt, with the frozen text encoders. ``""`` is the null prompt."""
+    #: (tokenizer, text encoder) component names, in the order the pipeline uses them.
+    text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+
+    def encode_prompts(self, prompts: list[str], image_hw: tuple[int, int], *, grad: bool = False) -> Conditioning:
+        """Conditioning for each prompt, with the frozen text encoders. ``""`` is the null prompt.
+
+        ``grad=True`` keeps the graph to the text encoders' inputs (textual inversion needs it).
+        """
+        with torch.set_grad_enabled(grad):
+            return self._encode(list(prompts), image_hw)
+
+    def _encode(self, prompts: list[str], image_hw: tuple[int, int]) -> Conditioning:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- sampling with the pipeline

@@ -35,6 +35,7 @@ class DiTAdapter(_PatchTransformerAdapter):
     pipeline_prefixes = ("DiTPipeline",)
     denoiser_classes = ("DiTTransformer2DModel",)
     has_text_encoder = False
+    text_encoder_pairs = ()
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
 
     def class_ids(self, prompts: list[str]) -> list[int]:
@@ -62,7 +63,7 @@ class DiTAdapter(_PatchTransformerAdapter):
         ids = [i if i is not None else labels[int(torch.randint(len(labels), (1,), generator=rng))] for i in ids]
         return {"class_labels": ids}
 
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         ids = torch.tensor(self.class_ids(list(prompts)), dtype=torch.long, device=self.denoiser.device)
         return Conditioning(list(prompts), {"class_labels": ids})  # [P]
 
@@ -87,8 +88,7 @@ class PixArtAdapter(_PatchTransformerAdapter):
     def _max_len(self) -> int:
         return min(120, int(getattr(self.pipe.tokenizer, "model_max_length", 120)))
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         device = self.denoiser.device
         max_len = min(120, int(getattr(self.pipe.tokenizer, "model_max_length", 120)))
         embeds, mask, _, _ = self.pipe.encode_prompt(

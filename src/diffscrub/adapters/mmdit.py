@@ -31,6 +31,7 @@ class SD3Adapter(DenoiserAdapter):
     description = "SD3 / SD3.5 MMDiT (joint attention, flow matching)"
     pipeline_prefixes = ("StableDiffusion3",)
     denoiser_classes = ("SD3Transformer2DModel",)
+    text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
     def _max_len(self) -> int:
@@ -40,8 +41,7 @@ class SD3Adapter(DenoiserAdapter):
     def pipeline_inputs(self, prompts, image_hw):
         return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         prompts = list(prompts)
         tok = self.pipe.tokenizer_3 if getattr(self.pipe, "tokenizer_3", None) is not None else self.pipe.tokenizer
         max_len = min(256, int(getattr(tok, "model_max_length", 256)))
@@ -79,6 +79,7 @@ class FluxAdapter(DenoiserAdapter):
     description = "Flux (packed 2x2 latents, img/txt ids, guidance embed, flow matching)"
     pipeline_prefixes = ("Flux",)
     denoiser_classes = ("FluxTransformer2DModel",)
+    text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
     #: guidance value fed to the guidance embedding (the pipeline's default).
     guidance_scale: float = 3.5
@@ -89,8 +90,7 @@ class FluxAdapter(DenoiserAdapter):
     def pipeline_inputs(self, prompts, image_hw):
         return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         prompts = list(prompts)
         max_len = min(512, int(getattr(self.pipe.tokenizer_2, "model_max_length", 512)))
         embeds, pooled, _ = self.pipe.encode_prompt(

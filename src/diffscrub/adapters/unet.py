@@ -16,8 +16,7 @@ class StableDiffusionAdapter(DenoiserAdapter):
     denoiser_classes = ("UNet2DConditionModel",)
     denoiser_attr = "unet"
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         device = self.denoiser.device
         embeds, _ = self.pipe.encode_prompt(
             list(prompts), device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
@@ -47,6 +46,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     description = "SDXL UNet (pooled text embeds + time ids)"
     pipeline_prefixes = ("StableDiffusionXL",)
     denoiser_classes = ()
+    text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
     @classmethod
     def matches(cls, pipe):
@@ -56,8 +56,7 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
             and getattr(pipe, "text_encoder_2", None) is not None
         )
 
-    @torch.no_grad()
-    def encode_prompts(self, prompts, image_hw):
+    def _encode(self, prompts, image_hw):
         device = self.denoiser.device
         prompts = list(prompts)
         embeds, _, pooled, _ = self.pipe.encode_prompt(

@@ -212,6 +212,32 @@ def setup_run(
     return Run(config, method_config, pipe, adapter, ctx, method, params, forget_images, retain_images, timing, t0)
 
 
+def name_concept(run: Run, log) -> dict | None:
+    """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool."""
+    from ..concept.inversion import invert_concept
+
+    config, ctx = run.config, run.ctx
+    if config.conditioning not in ("auto", "inversion"):
+        return None
+    if not run.adapter.text_encoder_pairs:
+        if config.conditioning == "inversion":
+            raise ConfigError(f"conditioning='inversion' needs a text encoder; the {run.adapter.family} model has "
+                              "none: use --conditioning null")
+        return None
+    bar = _Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
+    try:
+        result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
+                                batch_size=config.batch_size, num_words=config.inversion_words, progress=bar)
+    finally:
+        bar.close()
+    if result is None:
+        return None
+    ctx.cond = ctx.cond.extend(result.conditioning)
+    log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
+    return {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
+            "inversion_loss_last": result.losses[-1]}
+
+
 def erase(
     config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
 ) -> EraseResult:
@@ -234,6 +260,9 @@ def erase(
     forget, student, device = ctx.forget, ctx.student, ctx.device
 
     # ---------------------------------------------------------------- phase 1
+    t2 = time.perf_counter()
+    inversion = name_concept(run, log)
+    timing["inversion_s"] = time.perf_counter() - t2
     t2 = time.perf_counter()
     work = method.prepare_work(len(forget))
     bar = _Progress(work, "phase 1: fingerprint", config.quiet)
@@ -292,6 +321,7 @@ def erase(
         "trainable_parameters": sum(p.numel() for p in params),
         "trainable_tensors": len(params),
         "prepare": prepare_figures,
+        "conditioning": {"mode": config.conditioning, "pool": ctx.cond.prompts, **(inversion or {})},
         "losses": history,
         "timing": timing,
         "memory": peak_memory_mb(device),

@@ -157,14 +157,17 @@ class TeacherStudentScrubber(Method):
             z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
 
         # Teacher targets. Inputs are concatenated along the batch so one call serves several targets.
+        # Inside the mask the target is the teacher's inpainting under the null prompt, whatever prompt the
+        # student sees: a prompt naming the concept must not bring it back through the conditional branch.
+        cond_null = ctx.cond.take(ctx.null_index(b))
         if cfg.mask_mode == "cached":
             mask = self.masks[index].to(ctx.device)  # [B, 1, H, W]
             z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
-            parts = [(z_t, t, cond), (z_t_blind, t, cond)]
+            parts = [(z_t, t, cond), (z_t_blind, t, cond_null)]
         else:
             t_orig, mask = self.detect(z_t, t, cond)
             z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
-            parts = [(z_t_blind, t, cond)]
+            parts = [(z_t_blind, t, cond_null)]
         if use_retain:
             parts.append((z_tr, t_r, cond_r))
         targets, _ = ctx.teacher_predict(

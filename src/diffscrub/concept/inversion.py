@@ -1,0 +1,146 @@
+"""Naming the concept from the images alone: textual inversion on the frozen model.
+
+A placeholder token is added to every tokenizer of the pipeline, and only its rows of the
+text encoders' input embeddings are optimised so that the frozen denoiser, conditioned on the
+placeholder, denoises the forget latents best (the usual denoising loss against the
+schedule's target). The learned embedding's nearest vocabulary tokens (cosine, first text
+encoder) say what the forget folder looks like ("7", "seven", ...). The scrubber adds those
+words and the placeholder itself to its conditioning pool, so that erasure also holds when a
+prompt names the concept; afterwards the tokenizers and text encoders are restored exactly,
+so the saved pipeline is the user's own plus the edited denoiser.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+PLACEHOLDER = "<concept>"
+
+
+@dataclass
+class InversionResult:
+    nearest: list[str]  # nearest vocabulary words, best first
+    prompts: list[str]  # prompts added to the conditioning pool (including the placeholder's conditioning)
+    losses: list[float] = field(default_factory=list)
+    conditioning: object = None  # Conditioning of ``prompts``, encoded while the placeholder existed
+
+
+def _clean_token(text: str) -> str:
+    return text.replace("</w>", "").replace("▁", "").replace("Ġ", "").strip()
+
+
+def _word_of(token: str) -> str | None:
+    """The word a vocabulary entry stands for, or None for word pieces, bytes and special tokens.
+
+    Whole words are marked by the tokenizer: CLIP's end-of-word ``</w>``, T5's and GPT-2's
+    start-of-word ``▁``/``Ġ``.
+    """
+    if not (token.endswith("</w>") or token.startswith(("▁", "Ġ"))):
+        return None
+    word = _clean_token(token)
+    if word and word.isascii() and all(c.isalnum() or c in "-'" for c in word) and any(c.isalnum() for c in word):
+        return word
+    return None
+
+
+def nearest_words(embedding_matrix: torch.Tensor, vector: torch.Tensor, tokenizer, k: int,
+                  exclude: set[int]) -> list[str]:
+    """Top-``k`` distinct words of the vocabulary by cosine similarity to ``vector``."""
+    sims = F.normalize(embedding_matrix.float(), dim=-1) @ F.normalize(vector.float(), dim=0)
+    for i in exclude:
+        sims[i] = -2
+    words: list[str] = []
+    for idx in torch.argsort(sims, descending=True).tolist():
+        word = _word_of(tokenizer.convert_ids_to_tokens(idx))
+        if word is not None and word not in words:
+            words.append(word)
+        if len(words) == k:
+            break
+    return words
+
+
+def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int = 8, num_words: int = 3,
+                   progress=None) -> InversionResult | None:
+    """Learn a placeholder token for the forget latents; return the words and pool prompts.
+
+    Returns ``None`` for families without a text encoder (DiT). ``ctx`` is the run's
+    :class:`~diffscrub.core.context.ErasureContext`; the teacher is used, nothing trains but the
+    placeholder rows.
+    """
+    adapter = ctx.adapter
+    pipe = adapter.pipe
+    pairs = [(t, e) for t, e in adapter.text_encoder_pairs
+             if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
+    if not pairs:
+        return None
+    saved_tokenizers = {t: copy.deepcopy(getattr(pipe, t)) for t, _ in pairs}
+    sizes, rows, params, base_ids, hooks = {}, {}, [], {}, []
+    try:
+        # 1. Add the placeholder everywhere, initialised at the mean embedding (no prior word).
+        for tok_name, enc_name in pairs:
+            tokenizer, encoder = getattr(pipe, tok_name), getattr(pipe, enc_name)
+            emb = encoder.get_input_embeddings()
+            sizes[enc_name] = emb.weight.shape[0]
+            base_ids[enc_name] = set(tokenizer.all_special_ids)
+            tokenizer.add_tokens([PLACEHOLDER])
+            new_id = tokenizer.convert_tokens_to_ids(PLACEHOLDER)
+            if new_id >= emb.weight.shape[0]:
+                encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            # The learned row lives outside the weight table: a forward hook on the embedding module
+            # substitutes it wherever the placeholder id occurs, so the user's table is never written.
+            row = encoder.get_input_embeddings().weight[: sizes[enc_name]].detach().float().mean(0).clone()
+            row.requires_grad_(True)
+            rows[enc_name] = (new_id, row)
+            params.append(row)
+
+            def hook(module, inputs, output, new_id=new_id, row=row):
+                mask = (inputs[0] == new_id).unsqueeze(-1).to(output.dtype)  # [B, L, 1]
+                return output * (1 - mask) + mask * row.to(output.dtype)
+
+            hooks.append(encoder.get_input_embeddings().register_forward_hook(hook))
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+        # 2. Optimise the placeholder rows against the frozen denoiser's denoising loss.
+        losses = []
+        for _ in range(steps):
+            index = ctx.forget_sampler.next(batch_size)
+            z0 = ctx.forget.sample(index, ctx.generator).to(ctx.device)
+            t = ctx.timesteps(z0.shape[0])
+            eps = ctx.randn_like(z0)
+            z_t = ctx.schedule.add_noise(z0, eps, t)
+            cond = adapter.encode_prompts([PLACEHOLDER], ctx.image_hw, grad=True).to(ctx.device)
+            kwargs = cond.take(torch.zeros(z0.shape[0], dtype=torch.long))
+            with ctx._teacher_module() as model, adapter.eval_mode(model):
+                pred = adapter.call(model, z_t.to(ctx.dtype), t, kwargs).float()
+            mean, _ = adapter.split_variance(pred, z0.shape[1])
+            loss = F.mse_loss(mean, ctx.schedule.target(z0, eps, t))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if progress:
+                progress(1)
+
+        # 3. Words nearest to the learned embedding, in the first text encoder's vocabulary.
+        tok_name, enc_name = pairs[0]
+        new_id, row = rows[enc_name]
+        matrix = getattr(pipe, enc_name).get_input_embeddings().weight[: sizes[enc_name]].detach()
+        words = nearest_words(matrix, row.detach(), getattr(pipe, tok_name), num_words, base_ids[enc_name])
+        prompts = words + [PLACEHOLDER]
+        with torch.no_grad():
+            cond = adapter.encode_prompts(prompts, ctx.image_hw).to(ctx.device)
+        return InversionResult(nearest=words, prompts=prompts, losses=losses, conditioning=cond)
+    finally:
+        # 4. Restore the user's tokenizers and embedding tables exactly.
+        for h in hooks:
+            h.remove()
+        for tok_name, enc_name in pairs:
+            setattr(pipe, tok_name, saved_tokenizers[tok_name])
+            pipe.register_modules(**{tok_name: saved_tokenizers[tok_name]})
+            encoder = getattr(pipe, enc_name)
+            if enc_name in sizes and encoder.get_input_embeddings().weight.shape[0] != sizes[enc_name]:
+                encoder.resize_token_embeddings(sizes[enc_name], mean_resizing=False)
