@@ -175,20 +175,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=("families", "methods"))
     p.set_defaults(_run=cmd_list)
 
-    try:
-        from .toy.cli import register as register_toy
-    except ImportError:
-        register_toy = None
-    if register_toy is not None:
-        register_toy(sub)
+    from .evaluation.cli import register as register_evaluation
+    from .toy.cli import register as register_toy
+
+    register_evaluation(sub)
+    register_toy(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    run = ns._run
-    for key in ("_run", "command"):
+    run = getattr(ns, "_run", None) or getattr(ns, "func", None)
+    if run is None:  # a command group given without its subcommand
+        parser.parse_args([*(argv if argv is not None else sys.argv[1:]), "--help"])
+    for key in ("_run", "func", "command"):
         if hasattr(ns, key):
             delattr(ns, key)
     try:

@@ -1,0 +1,448 @@
+"""One self-contained HTML page per erase run: images as data URIs, inline CSS and SVG, no script.
+
+Sections: summary, evaluation figures (reference beside erased, with intervals), before/after
+grids on the same seeds, the detector's masks over a sample of the forget images, loss curves
+per term, and the run configuration.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import torch
+
+from ..errors import DiffscrubError, InputError
+
+RECORD_FILE = "diffscrub.json"
+ARTIFACTS_FILE = "diffscrub_artifacts.safetensors"
+METRICS_FILE = "metrics.json"
+MAX_OVERLAYS = 12
+LOSS_TERMS_FIRST = ("total", "forget", "background", "retain", "mask_area")
+MASK_OPACITY = 0.6
+SET_ORDER = ("null", "concept", "other")
+
+
+def _in_set_order(mapping: dict) -> list[tuple[str, Any]]:
+    """Items of a per-set dict in the evaluation's order (metrics.json stores keys sorted)."""
+    rank = {name: i for i, name in enumerate(SET_ORDER)}
+    return sorted(mapping.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0]))
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:0 auto;max-width:1150px;padding:16px 24px;
+color:#1d2330;background:#fff;line-height:1.4}
+h1{font-size:1.6em;margin:.2em 0}h2{border-bottom:2px solid #e3e6ee;padding-bottom:4px;margin-top:1.6em}
+h3{margin:1.1em 0 .4em}
+table{border-collapse:collapse;margin:.5em 0 1em;font-size:.92em}
+th,td{border:1px solid #d5d9e3;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f1f3f8}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.ci{color:#6b7280;font-size:.88em}.note{background:#fff7e0;border-left:4px solid #f0b400;padding:6px 10px;margin:.5em 0}
+.missing{background:#fdecec;border-left:4px solid #d33;padding:6px 10px;margin:.5em 0}
+.grid img{image-rendering:pixelated;max-width:100%;border:1px solid #d5d9e3}
+.overlays{display:flex;flex-wrap:wrap;gap:12px}.overlays figure{margin:0;text-align:center;font-size:.8em}
+.overlays img{width:128px;height:128px;image-rendering:pixelated;border:1px solid #d5d9e3}
+.charts{display:flex;flex-wrap:wrap;gap:16px}.charts figure{margin:0}.charts figcaption{font-size:.85em;text-align:center}
+pre{background:#f6f7fa;border:1px solid #e3e6ee;padding:8px;overflow:auto;font-size:.85em}
+.kv td:first-child{color:#4b5563}
+.headline{background:#eef4ff;border-left:4px solid #2f6fd6;padding:8px 8px 8px 28px}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def png_data_uri(image) -> str:
+    """A PIL image as a ``data:image/png;base64,...`` URI."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def file_data_uri(path: pathlib.Path) -> tuple[str, int, int]:
+    """A PNG file as ``(data URI, width, height)``, re-encoded through PIL so only a valid image is embedded."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = im.convert("RGB")
+        return png_data_uri(rgb), rgb.width, rgb.height
+
+
+# ----------------------------------------------------------------------------- loss curves
+def svg_line_chart(xs: list[float], ys: list[float], title: str, width: int = 340, height: int = 190) -> str:
+    """An inline SVG line chart of one series (polyline), with min/max labels on both axes."""
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys) if y is not None and math.isfinite(float(y))]
+    left, right, top, bottom = 58, 12, 10, 32
+    pw, ph = width - left - right, height - top - bottom
+    parts = [(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">'),
+             f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="#fafbfd" stroke="#c9ced9"/>']
+    if not pts:
+        parts.append(f'<text x="{left + 8}" y="{top + ph / 2}" font-size="12">no finite values</text></svg>')
+        return "".join(parts)
+    x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
+    y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    if y1 == y0:
+        pad = abs(y0) * 0.05 or 1.0
+        y0, y1 = y0 - pad, y1 + pad
+
+    def sx(x):
+        return left + (x - x0) / (x1 - x0) * pw
+
+    def sy(y):
+        return top + (1 - (y - y0) / (y1 - y0)) * ph
+
+    coords = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+    if len(pts) > 1:
+        parts.append(f'<polyline fill="none" stroke="#2f6fd6" stroke-width="1.8" points="{coords}"/>')
+    for x, y in pts if len(pts) <= 40 else []:
+        parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="2" fill="#2f6fd6"/>')
+    fmt = lambda v: f"{v:.3g}"
+    parts += [
+        f'<text x="{left - 4}" y="{top + 9}" font-size="10" text-anchor="end">{fmt(y1)}</text>',
+        f'<text x="{left - 4}" y="{top + ph}" font-size="10" text-anchor="end">{fmt(y0)}</text>',
+        f'<text x="{left}" y="{height - 18}" font-size="10" text-anchor="start">{fmt(x0)}</text>',
+        f'<text x="{left + pw}" y="{height - 18}" font-size="10" text-anchor="end">{fmt(x1)}</text>',
+        f'<text x="{left + pw / 2}" y="{height - 4}" font-size="11" text-anchor="middle">step</text>',
+        "</svg>",
+    ]
+    return "".join(parts)
+
+
+def loss_section(losses: list[dict]) -> str:
+    if not losses:
+        return '<p class="note">The run recorded no losses.</p>'
+    keys = [k for k in LOSS_TERMS_FIRST if any(k in row for row in losses)]
+    keys += sorted({k for row in losses for k in row} - set(keys) - {"step"})
+    charts = []
+    for key in keys:
+        rows = [r for r in losses if key in r and isinstance(r.get(key), (int, float))]
+        xs = [r.get("step", i + 1) for i, r in enumerate(rows)]
+        ys = [r[key] for r in rows]
+        charts.append(f'<figure>{svg_line_chart(xs, ys, key)}<figcaption>{_e(key)} '
+                      f'({len(rows)} logged steps)</figcaption></figure>')
+    return f'<div class="charts">{"".join(charts)}</div>'
+
+
+# ----------------------------------------------------------------------------- masks over forget images
+def overlay(image: torch.Tensor, mask: torch.Tensor, opacity: float = MASK_OPACITY):
+    """Forget image ``[3, H, W]`` in [-1, 1] with ``mask [1, h, w]`` in [0, 1] as a translucent red layer."""
+    from PIL import Image
+
+    img = ((image.float().clamp(-1, 1) + 1) / 2)
+    m = torch.nn.functional.interpolate(mask.float()[None], size=img.shape[-2:], mode="bilinear",
+                                        align_corners=False)[0].clamp(0, 1)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    a = opacity * m
+    out = img * (1 - a) + red * a
+    arr = (out * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    plain = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(plain, "RGB"), Image.fromarray(arr, "RGB")
+
+
+def _spread(n: int, count: int) -> list[int]:
+    """Up to ``count`` indices spread evenly over ``range(n)``."""
+    count = min(count, n)
+    return sorted({round(i * (n - 1) / max(count - 1, 1)) for i in range(count)}) if n else []
+
+
+def _forget_sample(folder: pathlib.Path, n_masks: int, resolution):
+    """``(indices, file names, images [-1, 1], usable image count)`` for a spread sample of the forget folder.
+
+    Images are decoded exactly as the erase run did (``load_image_folder``, same resolution), so index ``i``
+    matches mask ``i``. When every image file of the folder is usable (the usual case) only the sampled
+    files are decoded, through a temporary folder of links in the same sorted order; otherwise the whole
+    folder is decoded so that skipped files shift the indices as they did during the run.
+    """
+    import tempfile
+
+    from ..data import load_image_folder, scan_image_folder
+
+    quiet = lambda *a, **k: None
+    files = scan_image_folder(folder, name="forget")
+    if len(files) == n_masks:
+        index = _spread(len(files), MAX_OVERLAYS)
+        try:
+            with tempfile.TemporaryDirectory(prefix="diffscrub-report-") as tmp:
+                for k, i in enumerate(index):
+                    os.symlink(files[i].resolve(), pathlib.Path(tmp) / f"{k:06d}{files[i].suffix.lower()}")
+                subset = load_image_folder(tmp, name="forget", resolution=resolution, warn=quiet)
+            if len(subset) == len(index):
+                return index, [files[i].name for i in index], list(subset.images), len(files)
+        except (OSError, DiffscrubError):
+            pass  # no symlinks here, or a file that is not a usable image: decode the whole folder
+    images = load_image_folder(folder, name="forget", resolution=resolution, warn=quiet)
+    index = _spread(min(len(images), n_masks), MAX_OVERLAYS)
+    return index, [images.paths[i].name for i in index], [images.images[i] for i in index], len(images)
+
+
+def mask_section(record: dict, run_dir: pathlib.Path) -> str:
+    from safetensors.torch import load_file
+
+    path = run_dir / ARTIFACTS_FILE
+    if not path.is_file():
+        return f'<p class="missing">No {ARTIFACTS_FILE} in this run folder: no detector masks to show.</p>'
+    tensors = load_file(str(path))
+    masks = tensors.get("forget_masks")
+    if masks is None:
+        return ('<p class="note">This run kept no per-image masks (forget_masks); with mask_mode "online" '
+                'masks are drawn at each step and not stored.</p>')
+    config = record.get("config", {}) or {}
+    folder = config.get("forget")
+    if not folder or not pathlib.Path(folder).is_dir():
+        return (f'<p class="missing">The forget folder <code>{_e(folder or "(not recorded)")}</code> is gone, so the '
+                f'{masks.shape[0]} stored masks cannot be drawn over their images. Mean mask area: '
+                f'{float(masks.mean()):.3f}.</p>')
+    try:
+        index, names, images, total = _forget_sample(pathlib.Path(folder), masks.shape[0], config.get("resolution"))
+    except DiffscrubError as exc:
+        return f'<p class="missing">The forget folder could not be read again: {_e(exc)}</p>'
+    parts = []
+    n = min(total, masks.shape[0])
+    if total != masks.shape[0]:
+        parts.append(f'<p class="note">The forget folder now holds {total} usable images but the run stored '
+                     f'{masks.shape[0]} masks: the folder changed since the run, so pairs may not match.</p>')
+    figs = []
+    for i, name, image in zip(index, names, images):
+        plain, over = overlay(image, masks[i])
+        area = float(masks[i].mean())
+        figs.append(f'<figure><img src="{png_data_uri(plain)}" alt="forget image {i}">'
+                    f'<img src="{png_data_uri(over)}" alt="mask over forget image {i}">'
+                    f'<figcaption>{_e(name)}<br>mask area {area:.3f}</figcaption></figure>')
+    parts.append(f'<p>{len(figs)} of {n} forget images (left), with the detector\'s mask as a red layer (right; '
+                 f'opacity {MASK_OPACITY} at mask value 1). Mean mask area over all images: '
+                 f'{float(masks.mean()):.3f}.</p>')
+    parts.append(f'<div class="overlays">{"".join(figs)}</div>')
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- evaluation tables
+def _rate_cell(s: dict | None) -> str:
+    if not s or s.get("rate") is None:
+        return '<td class="num">-</td>'
+    lo, hi = s["ci"]
+    return (f'<td class="num">{s["rate"]:.3f} <span class="ci">[{lo:.3f}, {hi:.3f}]</span>'
+            f'<br><span class="ci">{s["k"]}/{s["n"]}</span></td>')
+
+
+def _mean_cell(s: dict | None, key: str = "mean") -> str:
+    if not s or s.get(key) is None:
+        return '<td class="num">-</td>'
+    lo, hi = s["ci"]
+    lo_s = "-" if lo is None else f"{lo:.4f}"
+    hi_s = "-" if hi is None else f"{hi:.4f}"
+    return f'<td class="num">{s[key]:.4f} <span class="ci">[{lo_s}, {hi_s}]</span><br><span class="ci">n={s["n"]}</span></td>'
+
+
+def _drop_cell(s: dict | None) -> str:
+    if not s or s.get("drop") is None:
+        return '<td class="num">-</td>'
+    lo, hi = s["ci"]
+    return f'<td class="num">{s["drop"]:+.3f} <span class="ci">[{lo:+.3f}, {hi:+.3f}]</span></td>'
+
+
+def _headline(metrics: dict) -> str:
+    """A few sentences with the figures most people look for first."""
+    sets = metrics.get("sets", {})
+    items = []
+
+    def rate(s):
+        return f"{s['rate']:.0%}" if s and s.get("rate") is not None else "-"
+
+    for name, what in (("concept", "prompts asking for the concept"), ("null", "the null prompt")):
+        cr = sets.get(name, {}).get("concept_rate")
+        if cr:
+            items.append(f"<li>Concept in samples of {what}: <b>{rate(cr['reference'])}</b> with the reference, "
+                         f"<b>{rate(cr['erased'])}</b> after erasure ({_e(cr['reader'])}).</li>")
+    pres = sets.get("other", {}).get("preservation") or sets.get("null", {}).get("preservation")
+    if pres and pres.get("ssim", {}).get("mean") is not None:
+        which = "other" if sets.get("other", {}).get("preservation") else "null"
+        items.append(f"<li>Unrelated samples ({which} set) against the reference on the same seeds: SSIM "
+                     f"<b>{pres['ssim']['mean']:.3f}</b>, mean |pixel difference| "
+                     f"<b>{pres['pixel_diff']['mean']:.4f}</b> (identical models: 1 and 0).</li>")
+    pa = sets.get("other", {}).get("prompt_adherence")
+    if pa:
+        items.append(f"<li>Other prompts drawn as asked: <b>{rate(pa['reference'])}</b> with the reference, "
+                     f"<b>{rate(pa['erased'])}</b> after erasure.</li>")
+    return f'<ul class="headline">{"".join(items)}</ul>' if items else ""
+
+
+def metrics_tables(metrics: dict) -> str:
+    level = metrics.get("config", {}).get("confidence", 0.95)
+    parts = [_headline(metrics),(f'<p>Figures with {level:.0%} intervals: Wilson for rates, seeded bootstrap for means and distances. '
+             'Both models were sampled on the same seeds; "change" columns compare them sample by sample.</p>')]
+    head = ("<tr><th>set</th><th>figure</th><th>reference</th><th>erased</th><th>reference &minus; erased</th></tr>")
+    rows = []
+    for set_name, fig in _in_set_order(metrics.get("sets", {})):
+        if "skipped" in fig:
+            rows.append(f'<tr><td>{_e(set_name)}</td><td colspan="4">skipped: {_e(fig["skipped"])}</td></tr>')
+            continue
+        for reader, r in fig.get("concept_rate_by_reader", {}).items():
+            primary = " (primary)" if fig.get("concept_rate", {}).get("reader") == reader else ""
+            rows.append(f'<tr><td>{_e(set_name)}</td><td>concept rate, {_e(reader)}{primary}</td>'
+                        f'{_rate_cell(r["reference"])}{_rate_cell(r["erased"])}{_drop_cell(r.get("drop"))}</tr>')
+        pa = fig.get("prompt_adherence")
+        if pa:
+            rows.append(f'<tr><td>{_e(set_name)}</td><td>prompt adherence (oracle)</td>'
+                        f'{_rate_cell(pa["reference"])}{_rate_cell(pa["erased"])}{_drop_cell(pa.get("drop"))}</tr>')
+        ch = fig.get("preservation") or fig.get("change")
+        if ch:
+            label = "preservation" if "preservation" in fig else "change"
+            rows.append(f'<tr><td>{_e(set_name)}</td><td>{label}: mean |pixel difference|</td>'
+                        f'<td class="num">0 (itself)</td>{_mean_cell(ch.get("pixel_diff"))}<td></td></tr>')
+            rows.append(f'<tr><td>{_e(set_name)}</td><td>{label}: SSIM to reference</td>'
+                        f'<td class="num">1 (itself)</td>{_mean_cell(ch.get("ssim"))}<td></td></tr>')
+            cf = ch.get("concept_free")
+            if cf:
+                rows.append(f'<tr><td>{_e(set_name)}</td><td>{label}: |pixel difference|, samples whose reference '
+                            f'shows no concept ({_e(cf.get("reader"))})</td><td class="num">0</td>'
+                            f'{_mean_cell(cf.get("pixel_diff"))}<td></td></tr>')
+        fd = fig.get("frechet_distance")
+        if fd:
+            rows.append(f'<tr><td>{_e(set_name)}</td><td>Fréchet distance to {fd.get("real_n")} retain images '
+                        f'<span class="ci">({_e(fd.get("features"))})</span></td>'
+                        f'{_mean_cell(fd.get("reference"), "value")}{_mean_cell(fd.get("erased"), "value")}<td></td></tr>')
+    parts.append(f"<table>{head}{''.join(rows)}</table>")
+
+    readers = metrics.get("readers", {})
+    rrows = []
+    for name, info in readers.items():
+        if name == "primary" or not isinstance(info, dict):
+            continue
+        settings = ", ".join(f"{k}={v}" for k, v in info.items() if k not in ("forget_rate", "retain_rate"))
+        rrows.append(f'<tr><td>{_e(name)}</td>{_rate_cell(info.get("forget_rate"))}'
+                     f'{_rate_cell(info.get("retain_rate"))}<td>{_e(settings)}</td></tr>')
+    if rrows:
+        parts.append("<h3>Concept readers on real images</h3><p>How often each reader sees the concept in the "
+                     "forget images (should be high) and in the retain images (should be low).</p>"
+                     "<table><tr><th>reader</th><th>forget images</th><th>retain images</th><th>settings</th></tr>"
+                     + "".join(rrows) + "</table>")
+    for note in metrics.get("notes", []):
+        parts.append(f'<p class="note">{_e(note)}</p>')
+    return "".join(parts)
+
+
+def grids_section(metrics: dict, eval_dir: pathlib.Path) -> str:
+    parts = []
+    sampling = metrics.get("sampling", {})
+    parts.append(f'<p>Rows are prompts, columns are seeds; the reference model on the left, the erased model on '
+                 f'the right, from the same initial noise. {_e(sampling.get("steps"))} steps, guidance '
+                 f'{_e(sampling.get("guidance"))}, {_e(sampling.get("scheduler"))}.</p>')
+    for set_name, grid in _in_set_order(metrics.get("grids", {})):
+        path = eval_dir / grid.get("file", "")
+        parts.append(f"<h3>{_e(set_name)} prompts</h3>")
+        if not path.is_file():
+            parts.append(f'<p class="missing">Grid image {_e(grid.get("file"))} is missing from {_e(eval_dir)}.</p>')
+            continue
+        seeds = grid.get("seeds") or []
+        first = seeds[0] if seeds else []
+        seed_text = f"seeds of the first row: {', '.join(map(str, first))}" if first else ""
+        try:
+            uri, w, h = file_data_uri(path)
+        except OSError as exc:
+            parts.append(f'<p class="missing">Grid image {_e(path.name)} could not be read ({_e(type(exc).__name__)}).</p>')
+            continue
+        zoom = max(1.0, min(2.0, 1100 / max(w, 1)))  # small grids shown larger, pixel-exact
+        parts.append(f'<div class="grid"><img src="{uri}" width="{round(w * zoom)}" height="{round(h * zoom)}" '
+                     f'alt="{_e(set_name)} samples, reference and erased"></div><p class="ci">{_e(seed_text)}</p>')
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- page
+def _kv_table(pairs: list[tuple[str, Any]]) -> str:
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in pairs if v is not None)
+    return f'<table class="kv">{rows}</table>'
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{what} '{path}' could not be read ({type(exc).__name__}): re-create it") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what} '{path}' does not hold a JSON object: re-create it")
+    return data
+
+
+def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | None = None) -> str:
+    """The report page for ``run_dir`` (and its evaluation folder) as an HTML string."""
+    run_dir = pathlib.Path(run_dir)
+    record_path = run_dir / RECORD_FILE
+    if not record_path.is_file():
+        raise InputError(f"'{run_dir}' has no {RECORD_FILE}: pass the output folder of a diffscrub erase run")
+    record = _read_json(record_path, "run record")
+    metrics = None
+    eval_note = ""
+    if eval_dir is not None:
+        eval_dir = pathlib.Path(eval_dir)
+        if not (eval_dir / METRICS_FILE).is_file():
+            raise InputError(f"'{eval_dir}' has no {METRICS_FILE}: pass --eval with a folder written by diffscrub eval")
+        metrics = _read_json(eval_dir / METRICS_FILE, "metrics file")
+    elif (run_dir / "eval" / METRICS_FILE).is_file():
+        eval_dir = run_dir / "eval"
+        metrics = _read_json(eval_dir / METRICS_FILE, "metrics file")
+    else:
+        eval_note = ("No evaluation folder was given: run <code>diffscrub eval --model DIR --reference ORIGINAL "
+                     "--forget FORGET --out DIR/eval ...</code> and render again (or pass --eval).")
+
+    config = record.get("config", {}) or {}
+    timing = record.get("timing", {}) or {}
+    method = record.get("method", config.get("method", "?"))
+    summary = _kv_table([
+        ("model", config.get("model")), ("method", method), ("family", record.get("family")),
+        ("pipeline", record.get("pipeline_class")), ("forget folder", config.get("forget")),
+        ("forget images", record.get("forget_images")), ("retain images", record.get("retain_images")),
+        ("steps", record.get("steps", config.get("steps"))), ("trainable", record.get("trainable")),
+        ("device", record.get("device")),
+        ("total time (s)", f"{timing['total_s']:.1f}" if isinstance(timing.get("total_s"), (int, float)) else None),
+        ("evaluation", str(eval_dir) if metrics is not None else "none"),
+    ])
+    sections = [f"<h2>Summary</h2>{summary}"]
+    if metrics is not None:
+        sections.append(f"<h2>Evaluation</h2>{metrics_tables(metrics)}")
+        sections.append(f"<h2>Before and after, same seeds</h2>{grids_section(metrics, eval_dir)}")
+    else:
+        sections.append(f'<h2>Evaluation</h2><p class="note">{eval_note}</p>')
+        sections.append('<h2>Before and after, same seeds</h2><p class="note">Needs an evaluation folder.</p>')
+    sections.append(f"<h2>Detector masks on forget images</h2>{mask_section(record, run_dir)}")
+    sections.append(f"<h2>Loss curves</h2>{loss_section(record.get('losses') or [])}")
+    run_config = {"config": config, method: record.get(method)}
+    sections.append(f"<h2>Run configuration</h2><pre>{_e(json.dumps(run_config, indent=2, sort_keys=True, default=str))}</pre>")
+    if metrics is not None:
+        sections.append(f"<h3>Evaluation configuration</h3><pre>{_e(json.dumps(metrics.get('config', {}), indent=2, sort_keys=True))}</pre>"
+                        f"<h3>Evaluation run</h3><pre>{_e(json.dumps(metrics.get('run', {}), indent=2, sort_keys=True))}</pre>")
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    title = f"diffscrub report: {run_dir.name}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+            f"<title>{_e(title)}</title><style>{CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1><p class=\"ci\">Generated {now} from <code>{_e(run_dir)}</code>.</p>"
+            + "".join(sections) + "</body></html>\n")
+
+
+def build_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | None = None,
+                 out: str | pathlib.Path | None = None) -> pathlib.Path:
+    """Write the report of ``run_dir`` to ``out`` (default ``run_dir/report.html``); return its path."""
+    page = render_report(run_dir, eval_dir)
+    out = pathlib.Path(out) if out is not None else pathlib.Path(run_dir) / "report.html"
+    if out.is_dir():
+        raise InputError(f"report output '{out}' is a folder: pass --out with a file name such as report.html")
+    if not out.parent.is_dir():
+        raise InputError(f"folder '{out.parent}' of report output '{out}' does not exist: create it or choose another --out")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise InputError(f"cannot write report '{out}' ({exc.strerror or type(exc).__name__}): choose another --out") from None
+    return out
