@@ -18,22 +18,25 @@ def _toy_unet_shipped() -> bool:
 
 @pytest.mark.skipif(not _toy_unet_shipped(), reason="toy-unet weights are not in this checkout")
 def test_demo_small(tmp_path, capsys):
+    from diffscrub import demo
     from diffscrub.cli import main
 
     out = tmp_path / "demo-out"
-    from diffscrub import demo
-
-    summary = demo.run_demo(out=str(out), steps=2, quiet=True, set_size=6, measure_n=4, grid_seeds=2,
-                            tss_options={"num_prototypes": 3, "vectors_per_image": 32, "fit_draws": 1,
-                                         "mask_draws": 1})
-    for name in ("before_after.png", "demo.json", "oracle_table.txt", "erased/model_index.json",
+    summary = demo.run_demo(
+        out=str(out), steps=2, quiet=True, set_size=6, eval_n=2, eval_n_null=4, max_prompts=2,
+        erase_options={"inversion_steps": 2},
+        tss_options={"num_prototypes": 3, "vectors_per_image": 32, "fit_draws": 1, "mask_draws": 1})
+    for name in ("report.html", "demo.json", "eval/metrics.json", "erased/model_index.json",
                  "erased/diffscrub.json", "sets/forget", "sets/retain"):
         assert (out / name).exists(), name
-    record = json.loads((out / "demo.json").read_text())
-    assert set(record["before"]) == set(record["after"]) >= {"null_concept_rate", "concept_concept_rate"}
-    assert all(0 <= v <= 1 for v in record["before"].values())
-    assert "null prompt: concept rate" in capsys.readouterr().out
-    assert summary["concept"] == "7"
-    # A second run refuses to overwrite the result unless asked.
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert {"null", "concept", "other"} <= set(metrics["sets"])
+    rate = metrics["sets"]["null"]["concept_rate"]
+    assert 0 <= rate["erased"]["rate"] <= 1 and rate["reader"] == "oracle"
+    assert summary["concept"] == "7" and summary["nearest_words"] is not None
+    printed = capsys.readouterr().out
+    assert "concept rate (oracle)" in printed and "report.html" in printed
+    # A second run refuses to overwrite the result unless asked, and leaves it intact.
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert (out / "report.html").exists()

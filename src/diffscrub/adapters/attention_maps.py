@@ -1,11 +1,15 @@
 """Capturing text-to-image attention probabilities, with gradients, from any supported denoiser.
 
 :func:`capture_text_attention` swaps, for the duration of a ``with`` block, the processors of the
-attention modules through which text reaches the image tokens for *capturing* processors. These
-compute ``softmax(Q K^T / sqrt(d))`` explicitly, use it to produce exactly the hidden states the
-default processor would (same projections, norms, rotary embeddings and output layers), and
-record the probabilities that image queries give text keys. The original processors are put back
-on exit, also when the block raises.
+attention modules through which text reaches the image tokens for *capturing* processors, and
+puts the original processors back on exit (also when the block raises). A capturing processor
+returns exactly the hidden states of the default one (same projections, norms, rotary
+embeddings, attention call and output layers) and records ``softmax(Q K^T / sqrt(d))`` for the
+image-query rows and text-key columns, optionally only at given text positions (``columns``).
+By default the recorded slice comes from a separate softmax of the image-query rows over all keys,
+checkpointed (recomputed in the backward pass), so no full map is kept per block; with
+``AttentionRecorder(explicit=True)`` the output itself is computed as ``probs @ V`` from the full
+explicit softmax, which is kept in ``record.full`` (used by the tests to check both).
 
 Three kinds of module are handled:
 
@@ -43,27 +47,44 @@ KINDS = ("cross", "joint", "flux")
 class AttentionRecord:
     """One captured text-to-image attention map.
 
-    ``probs``: ``[B, heads, N_img, N_txt]``, the probabilities image queries give text keys, sliced
-    out of a softmax over ``n_keys`` keys (``N_txt`` for cross-attention, ``N_img + N_txt`` for
-    joint attention). Carries gradients when the call does.
+    ``probs``: ``[B, heads, N_img, N_txt]`` (or ``[..., K]`` when the recorder selects ``columns``),
+    the probabilities image queries give text keys, sliced out of a softmax over ``n_keys`` keys
+    (``N_txt`` for cross-attention, ``N_img + N_txt`` for joint attention). Carries gradients.
     """
 
     name: str
     kind: str
     probs: torch.Tensor
     n_keys: int
+    #: text positions kept in ``probs`` (``None``: every text token).
+    columns: torch.Tensor | None = None
+    #: in ``explicit`` mode, the whole softmax ``[B, heads, S_q, S_k]``; ``full[:, :, rows, cols]`` holds
+    #: every text column of ``probs``.
+    full: torch.Tensor | None = None
+    rows: slice = field(default_factory=lambda: slice(None))
+    cols: slice = field(default_factory=lambda: slice(None))
 
 
 @dataclass
 class AttentionRecorder:
-    """Where capturing processors put their maps, in call order; ``enabled`` turns recording off."""
+    """Where capturing processors put their maps, in call order.
+
+    Attributes:
+        enabled: record at all (off: the processors only reproduce the default computation).
+        columns: text positions to keep (e.g. the concept's tokens), applied inside the capture so
+            that only ``[B, heads, N_img, K]`` is kept for the backward pass.
+        explicit: compute the attention output as ``probs @ V`` from the explicit softmax and keep
+            the whole map in ``record.full`` (for verification; memory grows with the square of the
+            sequence). Off (the default), the output comes from the very attention call the default
+            processor makes, and the recorded slice from a separate, checkpointed softmax of the
+            image-query rows, recomputed in the backward pass: joint attention over long sequences
+            (SD3, Flux) never keeps a full map per block.
+    """
 
     records: list[AttentionRecord] = field(default_factory=list)
     enabled: bool = True
-
-    def add(self, name: str, kind: str, probs: torch.Tensor, n_keys: int) -> None:
-        if self.enabled:
-            self.records.append(AttentionRecord(name, kind, probs, n_keys))
+    columns: torch.Tensor | None = None
+    explicit: bool = False
 
     def clear(self) -> None:
         self.records.clear()
@@ -103,7 +124,11 @@ def text_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module, str]]
 
 def _check_processor(name: str, module: nn.Module, kind: str) -> None:
     """Refuse modules whose current processor computes something else than the default math."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
+    from diffusers.models.attention_processor import (
+        AttnProcessor,
+        AttnProcessor2_0,
+        JointAttnProcessor2_0,
+    )
 
     proc = module.processor
     if kind == "cross":
@@ -123,26 +148,71 @@ def _check_processor(name: str, module: nn.Module, kind: str) -> None:
 
 
 # ----------------------------------------------------------------------------- attention math
-def _softmax_attention(query, key, value, scale: float, mask=None):
-    """``softmax(q k^T * scale + mask) v`` for ``[B, H, S, D]`` tensors; returns (out, probs)."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+def _scores(query, key, scale: float, mask=None):
+    """``q k^T * scale + mask`` for ``[B, H, S, D]`` tensors, in float32."""
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
     if mask is not None:
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.to(scores.dtype)
-    probs = scores.float().softmax(dim=-1).to(query.dtype)
-    return torch.matmul(probs, value), probs
+            scores = scores + mask.float()
+    return scores
 
 
-class _CrossCapture:
-    """Same computation as ``AttnProcessor2_0`` / ``AttnProcessor``, with explicit probabilities."""
+def _slice_probs(query_rows, key, scale, mask, cols: slice, columns):
+    """Softmax over every key of the given query rows, then the text columns (and ``columns`` of them)."""
+    probs = _scores(query_rows, key, scale, mask).softmax(dim=-1)[..., cols]
+    if columns is not None:
+        probs = probs.index_select(-1, columns.to(probs.device))
+    return probs.to(query_rows.dtype)
 
-    def __init__(self, recorder: AttentionRecorder, name: str, sdpa_scale: bool):
-        self.recorder, self.name, self.sdpa_scale = recorder, name, sdpa_scale
+
+def _mask_rows(mask, rows: slice):
+    if mask is None or mask.ndim < 4 or mask.shape[-2] == 1:
+        return mask
+    return mask[..., rows, :]
+
+
+class _Capture:
+    """Shared recording logic: ``attend`` returns the attention output ``[B, H, S, D]`` and records."""
+
+    def __init__(self, recorder: AttentionRecorder, name: str, kind: str, original):
+        self.recorder, self.name, self.kind, self.original = recorder, name, kind, original
+
+    def attend(self, query, key, value, scale, mask, rows: slice, cols: slice, default_fn):
+        """``query/key/value``: ``[B, H, S, D]``; ``default_fn()`` is the default processor's own call."""
+        rec = self.recorder
+        if rec.explicit:
+            probs = _scores(query, key, scale, mask).softmax(dim=-1).to(query.dtype)
+            out = torch.matmul(probs, value)
+            if rec.enabled:
+                part = probs[:, :, rows, cols]
+                if rec.columns is not None:
+                    part = part.index_select(-1, rec.columns.to(part.device))
+                rec.records.append(AttentionRecord(self.name, self.kind, part, probs.shape[-1], rec.columns, probs,
+                                                   rows, cols))
+            return out
+        out = default_fn()
+        if rec.enabled:
+            q_rows, m_rows = query[:, :, rows], _mask_rows(mask, rows)
+            if torch.is_grad_enabled() and (q_rows.requires_grad or key.requires_grad):
+                from torch.utils.checkpoint import checkpoint
+
+                part = checkpoint(_slice_probs, q_rows, key, scale, m_rows, cols, rec.columns, use_reentrant=False)
+            else:
+                part = _slice_probs(q_rows, key, scale, m_rows, cols, rec.columns)
+            rec.records.append(AttentionRecord(self.name, self.kind, part, key.shape[2], rec.columns, None, rows, cols))
+        return out
+
+
+class _CrossCapture(_Capture):
+    """Same computation as ``AttnProcessor2_0`` / ``AttnProcessor``."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
+        import torch.nn.functional as F
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -175,11 +245,17 @@ class _CrossCapture:
             key = attn.norm_k(key)
 
         # AttnProcessor2_0 leaves the scale to SDPA (1/sqrt(d)); AttnProcessor uses attn.scale.
-        scale = head_dim ** -0.5 if self.sdpa_scale else attn.scale
-        out, probs = _softmax_attention(query, key, value, scale, attention_mask)
-        if is_cross:
-            self.recorder.add(self.name, "cross", probs, probs.shape[-1])
+        sdpa = isinstance(self.original, AttnProcessor2_0)
+        scale = head_dim ** -0.5 if sdpa else attn.scale
 
+        def default():
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                  is_causal=False, scale=None if sdpa else attn.scale)
+
+        if is_cross:
+            out = self.attend(query, key, value, scale, attention_mask, slice(None), slice(None), default)
+        else:
+            out = default()
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
@@ -190,31 +266,29 @@ class _CrossCapture:
         return hidden_states / attn.rescale_output_factor
 
 
-class _JointCapture:
+class _JointCapture(_Capture):
     """Same computation as ``JointAttnProcessor2_0`` (SD3): joint sequence ``[image, text]``."""
 
-    def __init__(self, recorder: AttentionRecorder, name: str):
-        self.recorder, self.name = recorder, name
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        import torch.nn.functional as F
+
         residual = hidden_states
         batch_size = hidden_states.shape[0]
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        def heads(x):
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         n_img = query.shape[2]
         if encoder_hidden_states is not None:
-            def heads(x):
-                return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
             eq = heads(attn.add_q_proj(encoder_hidden_states))
             ek = heads(attn.add_k_proj(encoder_hidden_states))
             ev = heads(attn.add_v_proj(encoder_hidden_states))
@@ -226,10 +300,14 @@ class _JointCapture:
             key = torch.cat([key, ek], dim=2)
             value = torch.cat([value, ev], dim=2)
 
-        out, probs = _softmax_attention(query, key, value, head_dim ** -0.5)
-        if encoder_hidden_states is not None:
-            self.recorder.add(self.name, "joint", probs[:, :, :n_img, n_img:], probs.shape[-1])
+        def default():
+            return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
 
+        if encoder_hidden_states is not None:
+            out = self.attend(query, key, value, head_dim ** -0.5, None, slice(None, n_img), slice(n_img, None),
+                              default)
+        else:
+            out = default()
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
             hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
@@ -242,13 +320,11 @@ class _JointCapture:
         return hidden_states
 
 
-class _FluxCapture:
+class _FluxCapture(_Capture):
     """Same computation as ``FluxAttnProcessor`` (double blocks): joint sequence ``[text, image]``."""
 
-    def __init__(self, recorder: AttentionRecorder, name: str):
-        self.recorder, self.name = recorder, name
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
         from diffusers.models.embeddings import apply_rotary_emb
 
         d = attn.head_dim
@@ -268,15 +344,21 @@ class _FluxCapture:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D]
-        mask = attention_mask
-        if mask is not None and mask.ndim == 2:  # [B, S_k] key mask
-            mask = mask[:, None, None, :]
-        out, probs = _softmax_attention(q, k, v, d ** -0.5, mask)
-        if n_txt:
-            self.recorder.add(self.name, "flux", probs[:, :, n_txt:, :n_txt], probs.shape[-1])
+        def default():  # [B, S, H, D], as the default processor calls it
+            return dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                         backend=getattr(self.original, "_attention_backend", None),
+                                         parallel_config=getattr(self.original, "_parallel_config", None))
 
-        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if n_txt:
+            mask = attention_mask
+            if mask is not None and mask.ndim == 2:  # [B, S_k] key mask
+                mask = mask[:, None, None, :]
+            q, k, v = (x.transpose(1, 2) for x in (query, key, value))  # [B, H, S, D]
+            out = self.attend(q, k, v, d ** -0.5, mask, slice(n_txt, None), slice(None, n_txt),
+                              lambda: default().transpose(1, 2)).transpose(1, 2)
+        else:
+            out = default()
+        hidden_states = out.flatten(2, 3).to(query.dtype)
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
                 [n_txt, hidden_states.shape[1] - n_txt], dim=1
@@ -290,13 +372,8 @@ class _FluxCapture:
 
 def capturing_processor(recorder: AttentionRecorder, name: str, module: nn.Module, kind: str):
     """The capturing processor that replaces ``module``'s current one."""
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    if kind == "cross":
-        return _CrossCapture(recorder, name, sdpa_scale=isinstance(module.processor, AttnProcessor2_0))
-    if kind == "joint":
-        return _JointCapture(recorder, name)
-    return _FluxCapture(recorder, name)
+    cls = {"cross": _CrossCapture, "joint": _JointCapture, "flux": _FluxCapture}[kind]
+    return cls(recorder, name, kind, module.processor)
 
 
 @contextlib.contextmanager

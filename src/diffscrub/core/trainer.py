@@ -65,7 +65,7 @@ def resolve_method_config(config: EraseConfig, method_config=None):
     return method_cls, method_config
 
 
-def preflight(config: EraseConfig, method_cls) -> None:
+def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     """Every check that needs no model: paths, folders, required inputs. Raises one-line errors."""
     from ..data import scan_image_folder
     from ..loading import check_model_arg
@@ -79,6 +79,9 @@ def preflight(config: EraseConfig, method_cls) -> None:
         scan_image_folder(config.retain, name="retain")
     check_output_dir(config.out, overwrite=config.overwrite)
     check_model_arg(config.model, allow_pickle=config.allow_pickle)
+    check = getattr(method_cls, "check_inputs", None)
+    if check is not None and method_config is not None:
+        check(method_config, retain=config.retain, concept_prompt=config.concept_prompt)
 
 
 def pick_device(name: str) -> torch.device:
@@ -147,10 +150,11 @@ def setup_run(
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     method_cls, method_config = resolve_method_config(config, method_config)
-    if config.trainable is None:
+    auto_trainable = config.trainable is None
+    if auto_trainable:
         config.trainable = method_cls.default_trainable
     if pipe is None:
-        preflight(config, method_cls)
+        preflight(config, method_cls, method_config)
     else:
         config.require_paths()
         if check_output:
@@ -197,6 +201,10 @@ def setup_run(
     student = adapter.denoiser
     if config.gradient_checkpointing and getattr(student, "_supports_gradient_checkpointing", False):
         student.enable_gradient_checkpointing()
+    if auto_trainable and config.trainable == "cross-attention" and not adapter.attention_parameters(
+            student, cross_only=True):
+        # Class-conditional families (DiT) have no text-to-image attention: the method trains everything.
+        config.trainable = "full"
     teacher = None
     if config.trainable != "lora":
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
@@ -218,6 +226,9 @@ def name_concept(run: Run, log) -> dict | None:
 
     config, ctx = run.config, run.ctx
     if config.conditioning not in ("auto", "inversion"):
+        return None
+    if config.conditioning == "auto" and not getattr(type(run.method), "inversion_pool", True):
+        # Methods whose keep terms run over the pool (sfd) would preserve the concept's own words.
         return None
     if not run.adapter.text_encoder_pairs:
         if config.conditioning == "inversion":
@@ -318,8 +329,8 @@ def erase(
         "image_size": list(forget_images.images.shape[-2:]),
         "latent_shape": list(forget.mean.shape[1:]),
         "trainable": config.trainable,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "trainable_tensors": len(params),
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "trainable_tensors": sum(1 for p in params if p.requires_grad),
         "prepare": prepare_figures,
         "conditioning": {"mode": config.conditioning, "pool": ctx.cond.prompts, **(inversion or {})},
         "losses": history,

@@ -30,6 +30,8 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset({"forget"})
     #: parameters trained when the user does not pass --trainable (full, attention, cross-attention, lora).
     default_trainable: ClassVar[str] = "full"
+    #: whether --conditioning auto may add the textual-inversion words to the pool for this method.
+    inversion_pool: ClassVar[bool] = True
 
     def __init__(self, config, ctx: ErasureContext):
         self.config = config
