@@ -97,6 +97,21 @@ def test_mask_follows_prototypes():
     assert m.min() >= 0 and m.max() <= 1
 
 
+def test_kmeans_backends_agree():
+    """torch k-means (for large vector counts, on the device) and scikit-learn's give the same
+    prototypes on a fixed seed, within tolerance."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.nn.functional.normalize(torch.randn(5, 32, generator=g), dim=-1)
+    data = torch.cat([c * (1 + torch.rand(800, 1, generator=g)) + 0.1 * torch.randn(800, 32, generator=g)
+                      for c in centres])
+    a = fit_prototypes(data, 5, seed=0, backend="sklearn")
+    b = fit_prototypes(data, 5, seed=0, backend="torch")
+    assert (a @ b.T).amax(dim=1).min() > 0.9999
+    assert torch.equal(b, fit_prototypes(data, 5, seed=0, backend="torch"))  # seeded: repeatable
+    with pytest.raises(ConfigError, match="backend 'faiss'"):
+        fit_prototypes(data, 5, backend="faiss")
+
+
 def test_prototypes_recover_directions():
     g = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(3, 16, generator=g), dim=-1)

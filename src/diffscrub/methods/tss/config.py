@@ -28,6 +28,8 @@ class TSSConfig:
         "online: detected at each step's own timestep, as in the seed",
     )
     mask_draws: int = option(4, "draws averaged per forget image for cached masks")
+    kmeans_backend: str = option("auto", "k-means back end: sklearn, torch (on the run's device), or auto "
+                                 "(torch above 200k vectors)")
     contrastive: bool = option(
         True,
         "keep only prototypes that detect forget locations at least contrast_ratio times as often as retain "
@@ -48,6 +50,7 @@ class TSSConfig:
         for name in ("lambda_f", "lambda_b", "lambda_r"):
             check_range(f"tss.{name}", getattr(self, name), 0)
         check_choice("tss.mask_mode", self.mask_mode, MASK_MODES)
+        check_choice("tss.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))
         check_range("tss.mask_draws", self.mask_draws, 1)
         check_range("tss.contrast_ratio", self.contrast_ratio, 0)
         check_range("tss.contrast_samples", self.contrast_samples, 1)

@@ -87,7 +87,8 @@ class TeacherStudentScrubber(Method):
         self._batch = batch_size
         forget_vectors = self._band_vectors(ctx.forget, progress)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        self.all_prototypes = fit_prototypes(forget_vectors, cfg.num_prototypes, seed=seed)
+        self.all_prototypes = fit_prototypes(forget_vectors.to(ctx.device), cfg.num_prototypes, seed=seed,
+                                             backend=cfg.kmeans_backend)
         self.prototypes = self.all_prototypes
         if cfg.contrastive:
             retain_vectors = self._band_vectors(self._contrast_cache())
