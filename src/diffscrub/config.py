@@ -205,6 +205,8 @@ class EraseConfig:
     trust_remote_code: bool = option(False, "allow hub pipelines that need custom code")
     quiet: bool = option(False, "no progress bars")
     log_every: int = option(10, "record losses every N steps")
+    checkpoint_every: int = option(50, "save a resumable checkpoint every N steps (0: only on SIGTERM/SIGINT)")
+    resume: bool = option(False, "continue from the newest complete checkpoint of an interrupted run with the same --out")
 
     def __post_init__(self):
         if self.lora_rank and self.trainable in (None, "full"):
@@ -219,6 +221,7 @@ class EraseConfig:
         check_range("lr", self.lr, 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("log_every", self.log_every, 1)
+        check_range("checkpoint_every", self.checkpoint_every, 0)
         check_range("inversion_steps", self.inversion_steps, 1)
         check_range("inversion_lr", self.inversion_lr, 0, low_open=True)
         check_range("inversion_words", self.inversion_words, 0)

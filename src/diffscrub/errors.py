@@ -26,3 +26,9 @@ class UnknownFamilyError(DiffscrubError):
 
 class TrainingError(DiffscrubError):
     """Training could not go on (for example a non-finite loss)."""
+
+
+class Interrupted(DiffscrubError):
+    """The run was stopped by a signal after saving a checkpoint."""
+
+    exit_code = 130

@@ -6,7 +6,9 @@ adapter registry for the family, and the method for each step's loss.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import shutil
 import platform
 import resource
 import sys
@@ -18,9 +20,11 @@ import torch
 
 from ..adapters import adapter_for
 from ..config import EraseConfig, build, to_dict
-from ..errors import ConfigError, TrainingError
+from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
 from .context import ErasureContext, LatentCache
+from .checkpoint import (checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint, run_identity,
+                         save_checkpoint)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -78,10 +82,21 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     if config.retain:
         scan_image_folder(config.retain, name="retain")
     check_output_dir(config.out, overwrite=config.overwrite)
+    check_checkpoints(config)
     check_model_arg(config.model, allow_pickle=config.allow_pickle)
     check = getattr(method_cls, "check_inputs", None)
     if check is not None and method_config is not None:
         check(method_config, retain=config.retain, concept_prompt=config.concept_prompt)
+
+
+def check_checkpoints(config: EraseConfig) -> None:
+    """Refuse to silently discard an interrupted run's checkpoints."""
+    root = checkpoint_root(config.out)
+    if not config.resume and complete_checkpoints(root):
+        raise InputError(
+            f"found checkpoints of an interrupted run in '{root}': pass --resume to continue it, "
+            "or delete that folder to start afresh"
+        )
 
 
 def pick_device(name: str) -> torch.device:
@@ -101,6 +116,32 @@ def encode_images(adapter, images: torch.Tensor, batch_size: int) -> LatentCache
         means.append(m.cpu())
         stds.append(s.cpu())
     return LatentCache(torch.cat(means), torch.cat(stds))
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        import signal as signals
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, _frame):
+            self.signal = signals.Signals(signum).name
+
+        previous = {s: signals.signal(s, handler) for s in (signals.SIGTERM, signals.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signals.signal(s, h)
 
 
 class _Progress:
@@ -270,46 +311,86 @@ def erase(
     forget_images, retain_images = run.forget_images, run.retain_images
     forget, student, device = ctx.forget, ctx.student, ctx.device
 
-    # ---------------------------------------------------------------- phase 1
-    t2 = time.perf_counter()
-    inversion = name_concept(run, log)
-    timing["inversion_s"] = time.perf_counter() - t2
-    t2 = time.perf_counter()
-    work = method.prepare_work(len(forget))
-    bar = _Progress(work, "phase 1: fingerprint", config.quiet)
-    try:
-        prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
-    finally:
-        bar.close()
-    timing["phase1_s"] = time.perf_counter() - t2
+    identity = run_identity(config, method_config, forget_images.paths,
+                            retain_images.paths if retain_images else None)
+    root = checkpoint_root(config.out)
+    clean_partial(root)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    resume_from = complete_checkpoints(root)[-1] if config.resume and complete_checkpoints(root) else None
+    if config.resume and resume_from is None:
+        log(f"no complete checkpoint in '{root}': starting from the beginning")
+
+    if resume_from is not None:
+        # Phase 1 is restored, not redone: prototypes, masks and the conditioning pool come from the checkpoint
+        # (methods whose state is not all in the checkpoint prepare again first).
+        if not method.resumable_state:
+            method.prepare(batch_size=config.batch_size)
+        meta = load_checkpoint(resume_from, student=student, optimizer=optimizer, ctx=ctx, method=method,
+                               identity=identity)
+        start, history = meta["step"] + 1, meta["history"]
+        inversion, prepare_figures = meta["extra"].get("inversion"), meta["extra"].get("prepare", {})
+        timing.update({k: v for k, v in meta["extra"].get("timing", {}).items() if k not in timing})
+        log(f"resuming from {resume_from.name} (step {meta['step']} of {config.steps})")
+    else:
+        # ------------------------------------------------------------ phase 1
+        t2 = time.perf_counter()
+        inversion = name_concept(run, log)
+        timing["inversion_s"] = time.perf_counter() - t2
+        t2 = time.perf_counter()
+        bar = _Progress(method.prepare_work(len(forget)), "phase 1: fingerprint", config.quiet)
+        try:
+            prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
+        finally:
+            bar.close()
+        timing["phase1_s"] = time.perf_counter() - t2
+        start, history = 1, []
 
     # ---------------------------------------------------------------- phase 2
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    history: list[dict[str, float]] = []
+    def checkpoint(step: int):
+        extra = {"inversion": inversion, "prepare": prepare_figures,
+                 "timing": {k: v for k, v in timing.items() if k in ("inversion_s", "phase1_s", "encode_s")}}
+        return save_checkpoint(root, step, student=student, optimizer=optimizer, ctx=ctx, method=method,
+                               history=history, identity=identity, extra=extra)
+
+    stop = _StopFlag()
     bar = _Progress(config.steps, "phase 2: distil", config.quiet)
+    if bar.bar is not None:
+        bar.bar.update(start - 1)
     t3 = time.perf_counter()
+    step = start - 1
     try:
-        for step in range(1, config.steps + 1):
-            total, terms = method.loss(step, config.batch_size)
-            if not torch.isfinite(total):
-                bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
-                raise TrainingError(
-                    f"loss became non-finite at step {step} (term: {', '.join(bad)}): lower --lr "
-                    "or check the inputs; nothing was written to --out"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            if step % config.log_every == 0 or step == config.steps or step == 1:
-                row = {"step": step, "total": float(total.detach())}
-                row.update({k: float(v) for k, v in terms.items()})
-                history.append(row)
-            bar(1, loss=f"{float(total.detach()):.4f}")
+        with stop.installed():
+            for step in range(start, config.steps + 1):
+                total, terms = method.loss(step, config.batch_size)
+                if not torch.isfinite(total):
+                    bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
+                    kept = complete_checkpoints(root)
+                    where = f"; the last good checkpoint is '{kept[-1]}'" if kept else ""
+                    raise TrainingError(
+                        f"loss became non-finite at step {step} (term: {', '.join(bad)}): lower --lr "
+                        f"or check the inputs; nothing was written to --out{where}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                if step % config.log_every == 0 or step == config.steps or step == 1:
+                    row = {"step": step, "total": float(total.detach())}
+                    row.update({k: float(v) for k, v in terms.items()})
+                    history.append(row)
+                bar(1, loss=f"{float(total.detach()):.4f}")
+                if stop.signal is not None:
+                    path = checkpoint(step)
+                    raise Interrupted(
+                        f"stopped by {stop.signal} at step {step}; checkpoint saved to '{path}': "
+                        "rerun the same command with --resume to continue"
+                    )
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                    checkpoint(step)
     finally:
         bar.close()
     timing["phase2_s"] = time.perf_counter() - t3
-    timing["step_s"] = timing["phase2_s"] / config.steps
+    timing["step_s"] = timing["phase2_s"] / max(1, config.steps - start + 1)
 
     # ---------------------------------------------------------------- output
     student.eval()
@@ -351,6 +432,7 @@ def erase(
         timing["save_s"] = time.perf_counter() - t4
         timing["total_s"] = time.perf_counter() - t0
         write_json(tmp / "diffscrub.json", record)
+    shutil.rmtree(root, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
     log(f"wrote {config.out}")
     return EraseResult(config.out, record, history)
 

@@ -30,6 +30,9 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset({"forget"})
     #: parameters trained when the user does not pass --trainable (full, attention, cross-attention, lora).
     default_trainable: ClassVar[str] = "full"
+    #: whether :meth:`state_dict` holds all of Phase 1's results, so a resumed run can skip :meth:`prepare`
+    #: (otherwise prepare runs again on resume, before the checkpoint's RNG states are restored).
+    resumable_state: ClassVar[bool] = False
     #: whether --conditioning auto may add the textual-inversion words to the pool for this method.
     inversion_pool: ClassVar[bool] = True
 

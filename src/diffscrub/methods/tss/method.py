@@ -42,6 +42,7 @@ class TeacherStudentScrubber(Method):
     name = "tss"
     config_class = TSSConfig
     needs = frozenset({"forget"})
+    resumable_state = True
 
     def __init__(self, config: TSSConfig, ctx):
         super().__init__(config, ctx)

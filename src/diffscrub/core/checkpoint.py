@@ -1,0 +1,159 @@
+"""Checkpoints that a crash cannot corrupt, and resuming to the same result as an uninterrupted run.
+
+A checkpoint is a folder ``step-NNNNNNN`` under ``.{out}.checkpoints/`` beside the output:
+
+* ``state.safetensors``: the student's trainable tensors, the method's state (prototypes,
+  masks) and the conditioning pool's tensors (textual inversion is random: resuming reuses it);
+* ``optimizer.pt``: the optimizer state (tensors and numbers only, loaded with ``weights_only``);
+* ``meta.json``: step, RNG states, batch-sampler orders, loss history, the run's identity, and
+  ``complete: true`` written last.
+
+It is written as ``step-NNNNNNN.tmp-PID`` and renamed when complete, so a kill in the middle of
+a save leaves only a ``.tmp-`` folder, which is never loaded and is cleaned up later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import torch
+
+from ..errors import InputError
+
+PREFIX = "step-"
+
+
+def checkpoint_root(out: str | pathlib.Path) -> pathlib.Path:
+    out = pathlib.Path(out)
+    return out.parent / f".{out.name}.checkpoints"
+
+
+def run_identity(config, method_config, forget_paths, retain_paths) -> str:
+    """Hash of what determines the run: the config (except bookkeeping keys) and the input files.
+
+    A checkpoint of a different run (other images, other options) is refused on ``--resume``.
+    """
+    from ..config import to_dict
+
+    cfg = {k: v for k, v in to_dict(config).items()
+           if k not in ("steps", "out", "overwrite", "quiet", "resume", "checkpoint_every", "log_every")}
+    files = []
+    for p in list(forget_paths) + list(retain_paths or []):
+        st = os.stat(p)
+        files.append([str(p), st.st_size, int(st.st_mtime)])
+    blob = json.dumps({"config": cfg, "method": to_dict(method_config), "files": files}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _flatten_cond(kwargs: dict, prefix: str = "cond.") -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, dict):
+            out.update(_flatten_cond(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _restore_cond(template: dict, tensors: dict[str, torch.Tensor], prefix: str = "cond.") -> dict:
+    out = {}
+    for key, value in template.items():
+        if isinstance(value, dict):
+            out[key] = _restore_cond(value, tensors, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor):
+            out[key] = tensors[f"{prefix}{key}"].to(value.device, value.dtype)
+        else:
+            out[key] = value
+    return out
+
+
+def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, method, history, identity: str,
+                    extra: dict | None = None, keep: int = 2) -> pathlib.Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones."""
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:07d}"
+    tmp = root / f"{PREFIX}{step:07d}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
+    tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in _flatten_cond(ctx.cond.kwargs).items()})
+    save_file(tensors, str(tmp / "state.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    meta = {
+        "step": step, "identity": identity, "prompts": ctx.cond.prompts, "history": history,
+        "generator": ctx.generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
+        "forget_sampler": ctx.forget_sampler.state_dict(),
+        "retain_sampler": ctx.retain_sampler.state_dict() if ctx.retain_sampler else None,
+        "extra": extra or {}, "complete": True,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    with open(tmp / "meta.json", "rb") as fh:  # the rename below must not overtake the data on disk
+        os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(root: pathlib.Path) -> list[pathlib.Path]:
+    """Complete checkpoints, oldest first (a ``.tmp-`` folder or one without ``complete`` is skipped)."""
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        if not d.is_dir() or not d.name.startswith(PREFIX) or ".tmp-" in d.name:
+            continue
+        try:
+            meta = json.loads((d / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("complete") and (d / "state.safetensors").is_file() and (d / "optimizer.pt").is_file():
+            out.append(d)
+    return sorted(out, key=lambda d: d.name)
+
+
+def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, identity: str) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns the meta dict (step, history, extra)."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta["identity"] != identity:
+        raise InputError(
+            f"checkpoint '{folder}' belongs to a run with other inputs or options: rerun with the same flags, "
+            "or drop --resume (and delete that folder) to start afresh"
+        )
+    tensors = load_file(str(folder / "state.safetensors"))
+    params = dict(student.named_parameters())
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key.startswith("param."):
+                params[key[len("param."):]].copy_(value)
+    method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
+    from ..adapters.base import Conditioning
+
+    ctx.cond = Conditioning(meta["prompts"], _restore_cond(ctx.cond.kwargs, tensors))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    ctx.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
+    torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+    ctx.forget_sampler.load_state_dict(meta["forget_sampler"])
+    if ctx.retain_sampler and meta["retain_sampler"]:
+        ctx.retain_sampler.load_state_dict(meta["retain_sampler"])
+    return meta
+
+
+def clean_partial(root: pathlib.Path) -> None:
+    """Remove ``.tmp-`` folders that a killed save left behind."""
+    if root.is_dir():
+        for d in root.iterdir():
+            if ".tmp-" in d.name:
+                shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,153 @@
+"""Runs that survive faults: kills, signals, non-finite losses."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffscrub.core.checkpoint import checkpoint_root, complete_checkpoints
+
+STEPS = 8
+
+
+def _images(folder, n=4):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            folder / f"{i}.png")
+    return folder
+
+
+def _cmd(model, forget, out, *extra):
+    return [sys.executable, "-m", "diffscrub", "erase", "--model", str(model), "--forget", str(forget),
+            "--out", str(out), "--steps", str(STEPS), "--batch-size", "2", "--quiet", "--seed", "3",
+            "--checkpoint-every", "1", "--inversion-steps", "3", "--num-prototypes", "2",
+            "--vectors-per-image", "16", "--contrast-samples", "2", "--contrast-sample-steps", "2", *extra]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _unet(out):
+    return load_file(str(next((out / "unet").glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline_dirs, tmp_path_factory):
+    base = tmp_path_factory.mktemp("faults")
+    model, forget = tiny_pipeline_dirs("sd"), _images(base / "forget")
+    out = base / "reference-run"
+    subprocess.run(_cmd(model, forget, out), check=True, env=_env(), timeout=300)
+    return model, forget, _unet(out)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(uninterrupted, tmp_path):
+    """SIGKILL a real run at a random moment of Phase 2, resume until done: same weights."""
+    model, forget, expected = uninterrupted
+    out = tmp_path / "out"
+    root = checkpoint_root(out)
+    rng = random.Random(0)
+    kills = 0
+    for attempt in range(6):
+        extra = ["--resume"] if attempt else []
+        proc = subprocess.Popen(_cmd(model, forget, out, *extra), env=_env(), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        if kills < 2:
+            # Wait until training is under way (a checkpoint newer than any before), then kill at random.
+            before = len(complete_checkpoints(root))
+            deadline = time.time() + 240
+            while proc.poll() is None and time.time() < deadline and len(complete_checkpoints(root)) <= before:
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 0.3))
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert kills >= 1, "the run finished before it could be killed"
+    assert (out / "diffscrub.json").is_file() and not root.exists()
+    got = _unet(out)
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+
+
+def test_sigterm_checkpoint_refusals_and_resume(uninterrupted, tmp_path):
+    """SIGTERM in Phase 2 saves a checkpoint and exits 130 with a one-line message; a fresh run refuses
+    to discard it, a resume with other inputs is refused, and a proper resume ends with the same weights."""
+    model, forget, expected = uninterrupted
+    out = tmp_path / "out"
+    root = checkpoint_root(out)
+    proc = subprocess.Popen(_cmd(model, forget, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not complete_checkpoints(root):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 130, err.decode()[-2000:]
+    message = err.decode().strip().splitlines()[-1]
+    assert message.startswith("diffscrub: error: stopped by SIGTERM at step") and "--resume" in message
+    assert complete_checkpoints(root) and not out.exists()
+
+    fresh = subprocess.run(_cmd(model, forget, out), env=_env(), capture_output=True, timeout=300)
+    assert fresh.returncode == 2 and b"pass --resume" in fresh.stderr
+    other = _images(tmp_path / "other", n=3)
+    wrong = subprocess.run(_cmd(model, other, out, "--resume"), env=_env(), capture_output=True, timeout=300)
+    assert wrong.returncode == 2 and b"other inputs or options" in wrong.stderr
+    resumed = subprocess.run(_cmd(model, forget, out, "--resume"), env=_env(), capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    got = _unet(out)
+    for key, value in expected.items():
+        assert torch.allclose(got[key], value, atol=1e-6), key
+
+
+def test_partial_checkpoint_is_never_loaded(tmp_path):
+    """A save killed midway leaves a .tmp- folder or one without meta: neither counts as a checkpoint."""
+    root = checkpoint_root(tmp_path / "out")
+    (root / "step-0000004.tmp-123").mkdir(parents=True)
+    (root / "step-0000004.tmp-123" / "meta.json").write_text('{"complete": true}')
+    (root / "step-0000002").mkdir()
+    (root / "step-0000002" / "state.safetensors").write_bytes(b"")
+    assert complete_checkpoints(root) == []
+
+
+def test_nonfinite_loss_names_term_and_step(tmp_path, monkeypatch):
+    from diffscrub.config import EraseConfig
+    from diffscrub.core.trainer import erase
+    from diffscrub.errors import TrainingError
+    from diffscrub.methods.tss import method as tss_mod
+    from tiny_pipelines import build_tiny_pipeline
+
+    real = tss_mod.TeacherStudentScrubber.loss
+
+    def poisoned(self, step, batch_size):
+        total, terms = real(self, step, batch_size)
+        if step == 3:
+            terms["forget"] = terms["forget"] * float("nan")
+            total = total * float("nan")
+        return total, terms
+
+    monkeypatch.setattr(tss_mod.TeacherStudentScrubber, "loss", poisoned)
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=5, batch_size=2, quiet=True,
+                      device="cpu", conditioning="null", checkpoint_every=2)
+    with pytest.raises(TrainingError, match=r"step 3 \(term: forget\).*last good checkpoint .*step-0000002"):
+        erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                    "contrast_samples": 2, "contrast_sample_steps": 2}, pipe=build_tiny_pipeline("sd"),
+              log=lambda m: None)
+    assert not (tmp_path / "o").exists()
+    assert complete_checkpoints(checkpoint_root(tmp_path / "o"))
