@@ -177,7 +177,7 @@ def test_missing_concept_prompt(method, image_dirs, tmp_path, monkeypatch):
 
 
 def test_vdu_needs_retain_or_checkpoints(image_dirs, tmp_path, monkeypatch):
-    with pytest.raises(ConfigError, match=r"vdu needs --retain DIR or vdu\.checkpoints"):
+    with pytest.raises(ConfigError, match=r"vdu needs --retain DIR or --vdu-checkpoints"):
         run_method("vdu", "dit", image_dirs, tmp_path / "out", monkeypatch)
 
 

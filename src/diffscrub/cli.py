@@ -30,7 +30,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, section: str | 
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
-        flag = _flag(f.name)
+        flag = f.metadata.get("cli") or _flag(f.name)
         if flag in taken:  # the same option name in two methods: prefix with the method name
             flag = _flag(f"{section}_{f.name}")
         taken.add(flag)

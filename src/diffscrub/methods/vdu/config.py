@@ -23,6 +23,7 @@ class VDUConfig:
         [],
         "independent checkpoints of the same denoiser (.safetensors state dicts, or folders holding one): "
         "precision = 1 / (variance across them + eps); without them, a diagonal Fisher on --retain images",
+        cli="--vdu-checkpoints",
     )
     prior_mean: str = option("initial", "theta*: initial (the denoiser's own weights) or checkpoints (their mean)")
     var_eps: float = option(1e-8, "added to the checkpoint variance before inverting it")

@@ -128,7 +128,7 @@ class VDU(Method):
     def check_inputs(cls, config: VDUConfig, *, retain, concept_prompt) -> None:
         """Input checks that need no model (callable from the CLI's preflight as well)."""
         if not config.checkpoints and not retain:
-            raise ConfigError("vdu needs --retain DIR or vdu.checkpoints (for the stability regulariser's precision)")
+            raise ConfigError("vdu needs --retain DIR or --vdu-checkpoints A,B (for the stability regulariser's precision)")
         if config.forget_prompt == "concept" and not concept_prompt:
             raise ConfigError("vdu.forget_prompt='concept' needs --concept-prompt TEXT (the concept's name)")
         for path in config.checkpoints:
