@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import math
 import pathlib
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -50,23 +49,11 @@ def _log(config: EvalConfig, msg: str) -> None:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
     import torchmetrics
-    import transformers
 
-    from .. import __version__
+    from ..core.trainer import versions
 
-    return {"diffscrub": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "torchmetrics": torchmetrics.__version__,
-            "python": sys.version.split()[0], "platform": platform.platform()}
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but no CUDA device is visible: pass --device cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return {**versions(), "torchmetrics": torchmetrics.__version__}
 
 
 def _device_info(device: torch.device) -> dict:
@@ -191,7 +178,9 @@ def evaluate(
                                                    antialias=True, align_corners=False).clamp(0, 1)
 
     # ---------------------------------------------------------------- pipelines
-    device = _device(config.device)
+    from ..core.trainer import pick_device
+
+    device = pick_device(config.device)
     if pipe is None or reference_pipe is None:
         from ..loading import load_pipeline
 
