@@ -121,6 +121,18 @@ def cmd_bench_speed(ns) -> int:
     return 0
 
 
+def cmd_bench(ns) -> int:
+    from .bench.compare import run_bench
+
+    _quiet_libraries()
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
+              n_null=ns.n_null, overwrite=ns.overwrite,
+              log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
+    print((__import__("pathlib").Path(ns.out) / "bench.txt").read_text(), end="")
+    return 0
+
+
 def cmd_list(ns) -> int:
     from .adapters import ADAPTERS
     from .methods import METHODS
@@ -170,6 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.set_defaults(_run=cmd_bench_speed)
+
+    p = sub.add_parser("bench", help="original, erased (per method) and retrained toy models side by side")
+    p.add_argument("--concept", required=True, help="toy concept: a digit 0-9 or a background name")
+    p.add_argument("--model", default="toy-unet", help="toy model to erase from (default: toy-unet)")
+    p.add_argument("--methods", default="tss", help="comma-separated methods (default: tss)")
+    p.add_argument("--retrained", default=None, help="the model retrained without the concept (default: shipped one)")
+    p.add_argument("--steps", type=int, default=200, help="erase steps per method")
+    p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
+    p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
+    p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(_run=cmd_bench)
 
     p = sub.add_parser("list", help="list the supported denoiser families or erasure methods")
     p.add_argument("what", choices=("families", "methods"))

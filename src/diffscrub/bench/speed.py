@@ -39,7 +39,7 @@ class SeedStep:
         return mean + std * torch.randn_like(mean)
 
     def loss(self, batch_size: int):
-        ctx, cfg, adapter = self.ctx, self.cfg, self.run.adapter
+        ctx, cfg = self.ctx, self.cfg
         index = ctx.forget_sampler.next(batch_size)
         with torch.no_grad():
             z0 = self._encode(self.forget_images[index])

@@ -1,0 +1,131 @@
+"""``diffscrub bench``: original, erased (one row per method) and retrained models side by side.
+
+On the toy world, for one concept: make the forget/retain sets, erase with each method in its
+own process (so wall time and peak memory belong to that run alone), evaluate every model
+against the original on the same seeds with the oracle, and print one table. The retrained
+model (the same recipe trained without the concept) is the target: erasure should bring the
+concept rate down to its level, not to zero.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+from ..core.output import check_output_dir, write_json
+from ..errors import ConfigError, InputError
+
+def _retrained_folder(model: str, concept: str, retrained: str | None) -> pathlib.Path | None:
+    if retrained:
+        path = pathlib.Path(retrained)
+        if not (path / "model_index.json").is_file():
+            raise InputError(f"retrained model '{path}' has no model_index.json: pass a pipeline folder")
+        return path
+    from ..toy.models import WEIGHTS_DIR
+
+    shipped = WEIGHTS_DIR / f"{model}-without-{concept}"
+    return shipped if (shipped / "model_index.json").is_file() else None
+
+
+def _row(name: str, metrics: dict | None, *, wall_s=None, peak_mb=None, reference: bool = False) -> dict:
+    """Headline figures of one model from an eval's metrics.json (``reference``: its reference side)."""
+    side = "reference" if reference else "erased"
+    row = {"model": name, "wall_s": wall_s, "peak_rss_mb": peak_mb}
+    if metrics is None:
+        return row
+    sets = metrics["sets"]
+    for key, set_name in (("null_rate", "null"), ("concept_rate", "concept")):
+        cr = sets.get(set_name, {}).get("concept_rate")
+        row[key] = cr[side]["rate"] if cr else None
+    other = sets.get("other", {})
+    pa = other.get("prompt_adherence")
+    row["adherence"] = pa[side]["rate"] if pa else None
+    fd = other.get("frechet_distance")
+    row["fd"] = fd[side]["value"] if fd else None
+    return row
+
+
+def format_table(rows: list[dict], concept: str) -> str:
+    def pct(x):
+        return "   -  " if x is None else f"{100 * x:5.1f}%"
+
+    def num(x, fmt):
+        return "   -   " if x is None else format(x, fmt)
+
+    head = (f"{'model':<18}{'concept ' + concept + ' (null)':>18}{'(prompts naming it)':>21}"
+            f"{'adherence (other)':>19}{'FD (other)':>12}{'wall s':>9}{'peak MB':>9}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:<18}{pct(r.get('null_rate')):>18}{pct(r.get('concept_rate')):>21}"
+                     f"{pct(r.get('adherence')):>19}{num(r.get('fd'), '12.2f')}{num(r.get('wall_s'), '9.0f')}"
+                     f"{num(r.get('peak_rss_mb'), '9.0f')}")
+    return "\n".join(lines)
+
+
+def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
+              retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
+              set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
+              log=print) -> dict:
+    """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``."""
+    from ..evaluation import EvalConfig, evaluate
+    from ..methods import METHODS
+    from ..toy.canvas import check_concept
+    from ..toy.sets import make_sets
+
+    concept = check_concept(concept)
+    methods = methods or ["tss"]
+    for m in methods:
+        METHODS.get(m)
+    out_path = check_output_dir(out, overwrite=overwrite)
+    if out_path.exists() and overwrite:
+        import shutil
+
+        shutil.rmtree(out_path)
+    out_path.mkdir(parents=True)
+    sets = out_path / "sets"
+    make_sets(concept, sets, n=set_size, seed=0)
+    forget, retain = sets / "forget", sets / "retain"
+    rows, evals = [], {}
+
+    def evaluate_model(name: str, folder) -> dict:
+        metrics = evaluate(EvalConfig(model=str(folder), reference=model, forget=str(forget), retain=str(retain),
+                                      toy_concept=concept, out=str(out_path / f"eval-{name}"), n=n, n_null=n_null,
+                                      max_prompts=max_prompts, device="cpu", quiet=True,
+                                      artifacts=str(folder) if (pathlib.Path(folder) / "diffscrub.json").is_file()
+                                      else None))
+        evals[name] = metrics
+        return metrics
+
+    for method in methods:
+        folder = out_path / f"erased-{method}"
+        cmd = [sys.executable, "-m", "diffscrub", "erase", "--model", model, "--forget", str(forget),
+               "--retain", str(retain), "--out", str(folder), "--method", method, "--steps", str(steps), "--quiet",
+               "--device", "cpu", "--concept-prompt", concept, *(extra_args or [])]
+        log(f"erasing with {method} ...")
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        if proc.returncode != 0:
+            tail = (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+            raise ConfigError(f"bench: erasing with {method} failed: {tail}")
+        record = json.loads((folder / "diffscrub.json").read_text())
+        log(f"evaluating {method} ...")
+        metrics = evaluate_model(method, folder)
+        rows.append(_row(method, metrics, wall_s=wall, peak_mb=record["memory"]["cpu_peak_rss_mb"]))
+    first = evals[methods[0]]
+    rows.insert(0, _row("original", first, reference=True))
+    retrained_folder = _retrained_folder(model, concept, retrained)
+    if retrained_folder is not None:
+        log("evaluating the retrained model ...")
+        rows.append(_row("retrained", evaluate_model("retrained", retrained_folder)))
+    else:
+        log(f"no retrained model for {concept!r}: pass --retrained DIR (from `diffscrub toy train --exclude {concept}`)")
+    table = format_table(rows, concept)
+    write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
+                                         "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})
+    (out_path / "bench.txt").write_text(table + "\n")
+    log(table)
+    return {"rows": rows, "table": table}
