@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -92,6 +93,8 @@ def cmd_erase(ns) -> int:
     config, method_options = config_from_args(ns)
     _quiet_libraries()
     result = erase(config, method_options)
+    if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one speaks for the run
+        return 0
     timing = result.record["timing"]
     print(f"erased with {config.method} on {result.record['family']} in {timing['total_s']:.1f}s "
           f"({timing['step_s'] * 1000:.0f} ms/step): {result.out}")

@@ -33,6 +33,11 @@ def checkpoint_root(out: str | pathlib.Path) -> pathlib.Path:
     return out.parent / f".{out.name}.checkpoints"
 
 
+def checkpoint_path(root: pathlib.Path, step: int) -> pathlib.Path:
+    """Where the complete checkpoint of ``step`` lives."""
+    return root / f"{PREFIX}{step:07d}"
+
+
 def run_identity(config, method_config, forget_paths, retain_paths) -> str:
     """Hash of what determines the run: the config (except bookkeeping keys) and the input files.
 
@@ -78,7 +83,7 @@ def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, m
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}{step:07d}"
+    final = checkpoint_path(root, step)
     tmp = root / f"{PREFIX}{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -23,25 +23,45 @@ class LatentCache:
 
     mean: torch.Tensor
     std: torch.Tensor
+    #: this process's slice of each draw when the batch is split over ``world`` processes.
+    rank: int = 0
+    world: int = 1
 
     def __len__(self) -> int:
         return self.mean.shape[0]
 
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A fresh posterior sample for images ``index [B]``: ``[B, C, H, W]``."""
+        """A fresh posterior sample for images ``index [B]``: ``[B, C, H, W]``.
+
+        Split over ``world`` processes, ``index`` is this rank's part of the global batch: the noise is
+        drawn for the whole global batch (as one process would) and this rank's rows are kept.
+        """
         mean, std = self.mean[index], self.std[index]
-        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
-        return mean + std * noise
+        noise = _draw_slice(lambda n: torch.randn((n, *mean.shape[1:]), generator=generator, device="cpu"),
+                            mean.shape[0], self.rank, self.world)
+        return mean + std * noise.to(mean.device)
+
+
+def _draw_slice(draw, batch: int, rank: int, world: int) -> torch.Tensor:
+    """``draw(batch)``, or with ``world`` processes this rank's ``batch`` rows of ``draw(batch * world)``."""
+    if world == 1:
+        return draw(batch)
+    return draw(batch * world)[rank * batch:(rank + 1) * batch]
 
 
 class BatchSampler:
     """Seeded epochs over ``n`` items: each item once per epoch, in a fresh order each epoch."""
 
-    def __init__(self, n: int, generator: torch.Generator):
+    def __init__(self, n: int, generator: torch.Generator, rank: int = 0, world: int = 1):
         self.n, self.generator = n, generator
+        self.rank, self.world = rank, world
         self._order: list[int] = []
 
     def next(self, batch: int) -> torch.Tensor:
+        """``batch`` indices; over ``world`` processes, this rank's part of a global batch of ``batch * world``."""
+        return _draw_slice(self._next, batch, self.rank, self.world)
+
+    def _next(self, batch: int) -> torch.Tensor:
         out = []
         while len(out) < batch:
             if not self._order:
@@ -70,6 +90,10 @@ class ErasureContext:
         cond: the conditioning pool; index 0 is always the null prompt.
         generator: the CPU generator that every random draw of the run comes from.
         device / dtype: where and in which precision the denoisers run.
+        rank / world: this process and the number of processes a training batch is split over
+            (see :meth:`shard`); 0 and 1 in a single-process run.
+        student_forward: what :meth:`student_predict` calls (the DDP-wrapped student when several
+            processes train); ``None`` means ``student``.
     """
 
     adapter: DenoiserAdapter
@@ -88,11 +112,28 @@ class ErasureContext:
     anchor_prompt: str = ""
     forget_sampler: BatchSampler | None = None
     retain_sampler: BatchSampler | None = None
+    rank: int = 0
+    world: int = 1
+    student_forward: Any = None
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)
         if self.retain is not None:
             self.retain_sampler = BatchSampler(len(self.retain), self.generator)
+        self.shard(self.rank, self.world)
+
+    def shard(self, rank: int, world: int) -> None:
+        """Split every batch-shaped draw over ``world`` processes (``1``: no split).
+
+        Each draw is then made at the global batch size (the batch the caller asks for times ``world``)
+        from the shared generator, which all ranks hold in the same state, and this rank keeps rows
+        ``rank * b : (rank + 1) * b``: the random stream, and each sample's draws, are those of one
+        process running the global batch. Draws of :meth:`randn_like` treat dim 0 as the batch.
+        """
+        self.rank, self.world = rank, world
+        for part in (self.forget, self.retain, self.forget_sampler, self.retain_sampler):
+            if part is not None:
+                part.rank, part.world = rank, world
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Conditioning for extra prompts (e.g. a method's concept and anchor), on the run's device."""
@@ -104,14 +145,29 @@ class ErasureContext:
 
     # ----------------------------------------------------------------- randomness
     def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
+        if self.world == 1:
+            return torch.randn(x.shape, generator=self.generator).to(x.device, x.dtype)
+        noise = _draw_slice(lambda n: torch.randn((n, *x.shape[1:]), generator=self.generator), x.shape[0],
+                            self.rank, self.world)
+        return noise.to(x.device, x.dtype)
+
+    def randn(self, batch: int, *shape: int) -> torch.Tensor:
+        """Standard normal ``[batch, *shape]`` on the run's device (batch-shaped: split like the others)."""
+        noise = _draw_slice(lambda n: torch.randn((n, *shape), generator=self.generator), batch, self.rank,
+                            self.world)
+        return noise.to(self.device)
 
     def timesteps(self, batch: int, low: int = 0, high: int | None = None) -> torch.Tensor:
-        return self.schedule.sample_timesteps(batch, low, high, generator=self.generator, device=self.device)
+        if self.world == 1:
+            return self.schedule.sample_timesteps(batch, low, high, generator=self.generator, device=self.device)
+        t = _draw_slice(lambda n: self.schedule.sample_timesteps(n, low, high, generator=self.generator), batch,
+                        self.rank, self.world)
+        return t.to(self.device)
 
     def prompt_index(self, batch: int) -> torch.Tensor:
         """Uniform draws from the conditioning pool, ``[B]`` long."""
-        return torch.randint(0, len(self.cond), (batch,), generator=self.generator)
+        return _draw_slice(lambda n: torch.randint(0, len(self.cond), (n,), generator=self.generator), batch,
+                           self.rank, self.world)
 
     def null_index(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, dtype=torch.long)
@@ -140,8 +196,9 @@ class ErasureContext:
         return pred.float(), feats
 
     def student_predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        model = self.student if self.student_forward is None else self.student_forward
         with self.autocast():
-            pred, _ = self.adapter.predict(self.student, z_t, t, cond)
+            pred, _ = self.adapter.predict(model, z_t, t, cond)
         return pred.float()
 
     def to_device(self, *tensors: torch.Tensor) -> list[torch.Tensor]:

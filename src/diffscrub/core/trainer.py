@@ -2,6 +2,9 @@
 
 The loop knows no method and no model family: it asks the registry for the method, the
 adapter registry for the family, and the method for each step's loss.
+
+Under a launcher (``torchrun``, ``accelerate launch``) the same loop trains data-parallel over
+several processes with the single-process result on the same global batch: see :mod:`.distributed`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from ..adapters import adapter_for
 from ..config import EraseConfig, build, to_dict
 from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
+from . import distributed
 from .context import ErasureContext, LatentCache
-from .checkpoint import (checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint, run_identity,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
+                         run_identity, save_checkpoint)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -184,9 +188,12 @@ class Run:
 
 def setup_run(
     config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
-    check_output: bool = True,
+    check_output: bool = True, dist: distributed.Distributed | None = None,
 ) -> Run:
-    """Checks, image loading, model loading, latent caching, conditioning, teacher/student and method."""
+    """Checks, image loading, model loading, latent caching, conditioning, teacher/student and method.
+
+    ``dist``: this process's place among several (from :func:`distributed.setup`); it picks the device.
+    """
     from ..data import load_image_folder
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -200,7 +207,7 @@ def setup_run(
         config.require_paths()
         if check_output:
             check_output_dir(config.out, overwrite=config.overwrite)
-    device = pick_device(config.device)
+    device = dist.device if dist is not None and dist.enabled else pick_device(config.device)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     timing: dict[str, float] = {}
@@ -305,7 +312,12 @@ def erase(
         An :class:`EraseResult` with the output folder and the run record saved as ``diffscrub.json``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    run = setup_run(config, method_config, pipe=pipe, log=log)
+    dist = distributed.setup(config)
+    main = dist.is_main
+    if not main:
+        log = lambda msg: None  # noqa: E731  (one voice: the main process's)
+    quiet = config.quiet or not main
+    run = setup_run(config, method_config, pipe=pipe, log=log, dist=dist)
     pipe, adapter, ctx, method, params = run.pipe, run.adapter, run.ctx, run.method, run.params
     method_config, timing, t0 = run.method_config, run.timing, run.started
     forget_images, retain_images = run.forget_images, run.retain_images
@@ -314,9 +326,12 @@ def erase(
     identity = run_identity(config, method_config, forget_images.paths,
                             retain_images.paths if retain_images else None)
     root = checkpoint_root(config.out)
-    clean_partial(root)
+    if main:
+        clean_partial(root)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     resume_from = complete_checkpoints(root)[-1] if config.resume and complete_checkpoints(root) else None
+    if dist.enabled:  # every process resumes from the checkpoint the main process picked (a shared folder)
+        resume_from = dist.broadcast(resume_from)
     if config.resume and resume_from is None:
         log(f"no complete checkpoint in '{root}': starting from the beginning")
 
@@ -333,27 +348,52 @@ def erase(
         log(f"resuming from {resume_from.name} (step {meta['step']} of {config.steps})")
     else:
         # ------------------------------------------------------------ phase 1
+        # With several processes, the main process alone names the concept and (when the method's state
+        # is all in its state_dict) prepares; the others take the results from it.
+        once = dist.enabled and method.resumable_state
         t2 = time.perf_counter()
-        inversion = name_concept(run, log)
+        inversion = name_concept(run, log) if main else None
         timing["inversion_s"] = time.perf_counter() - t2
+        if dist.enabled and not once:
+            inversion = distributed.apply_phase1(
+                dist.broadcast(distributed.phase1_payload(ctx, inversion=inversion) if main else None), ctx
+            )["inversion"]
         t2 = time.perf_counter()
-        bar = _Progress(method.prepare_work(len(forget)), "phase 1: fingerprint", config.quiet)
-        try:
-            prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
-        finally:
-            bar.close()
+        prepare_figures = None
+        if main or not once:
+            bar = _Progress(method.prepare_work(len(forget)), "phase 1: fingerprint", quiet)
+            try:
+                prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
+            finally:
+                bar.close()
+        if once:
+            payload = distributed.phase1_payload(ctx, method, inversion=inversion, prepare=prepare_figures) if main \
+                else None
+            extra = distributed.apply_phase1(dist.broadcast(payload), ctx, method)
+            inversion, prepare_figures = extra["inversion"], extra["prepare"]
         timing["phase1_s"] = time.perf_counter() - t2
         start, history = 1, []
+
+    local_batch = config.batch_size
+    if dist.enabled:
+        # Phase 2 splits each global batch over the processes; gradients are averaged by DDP.
+        local_batch = config.batch_size // dist.world
+        ctx.shard(dist.rank, dist.world)
+        ctx.student_forward = dist.wrap(student)
 
     # ---------------------------------------------------------------- phase 2
     def checkpoint(step: int):
         extra = {"inversion": inversion, "prepare": prepare_figures,
                  "timing": {k: v for k, v in timing.items() if k in ("inversion_s", "phase1_s", "encode_s")}}
-        return save_checkpoint(root, step, student=student, optimizer=optimizer, ctx=ctx, method=method,
-                               history=history, identity=identity, extra=extra)
+        path = checkpoint_path(root, step)
+        if main:
+            path = save_checkpoint(root, step, student=student, optimizer=optimizer, ctx=ctx, method=method,
+                                   history=history, identity=identity, extra=extra)
+        dist.barrier()
+        return path
 
     stop = _StopFlag()
-    bar = _Progress(config.steps, "phase 2: distil", config.quiet)
+    bar = _Progress(config.steps, "phase 2: distil", quiet)
     if bar.bar is not None:
         bar.bar.update(start - 1)
     t3 = time.perf_counter()
@@ -361,7 +401,14 @@ def erase(
     try:
         with stop.installed():
             for step in range(start, config.steps + 1):
-                total, terms = method.loss(step, config.batch_size)
+                total, terms = method.loss(step, local_batch)
+                loss = total
+                signal_name = stop.signal
+                if dist.enabled:
+                    # Losses (for the checks and the log) as means over the global batch, and a stop
+                    # signal that reached any process stops them all after this step.
+                    total, terms, stopped = _reduce(dist, total, terms, stop.signal is not None)
+                    signal_name = (stop.signal or "SIGTERM") if stopped else None
                 if not torch.isfinite(total):
                     bad = [k for k, v in terms.items() if not torch.isfinite(v)] or ["total"]
                     kept = complete_checkpoints(root)
@@ -371,7 +418,7 @@ def erase(
                         f"or check the inputs; nothing was written to --out{where}"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 if step % config.log_every == 0 or step == config.steps or step == 1:
@@ -379,10 +426,12 @@ def erase(
                     row.update({k: float(v) for k, v in terms.items()})
                     history.append(row)
                 bar(1, loss=f"{float(total.detach()):.4f}")
-                if stop.signal is not None:
+                if not dist.enabled:
+                    signal_name = stop.signal
+                if signal_name is not None:
                     path = checkpoint(step)
                     raise Interrupted(
-                        f"stopped by {stop.signal} at step {step}; checkpoint saved to '{path}': "
+                        f"stopped by {signal_name} at step {step}; checkpoint saved to '{path}': "
                         "rerun the same command with --resume to continue"
                     )
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
@@ -418,23 +467,41 @@ def erase(
         "timing": timing,
         "memory": peak_memory_mb(device),
     }
+    if dist.enabled:
+        record["world_size"] = dist.world
     t4 = time.perf_counter()
-    with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
-        if config.trainable == "lora":
-            save_lora(pipe, adapter, student, tmp)
-            merge_lora(student)
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        artifacts = method.artifacts()
-        if artifacts:
-            from safetensors.torch import save_file
+    if main:
+        with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
+            if config.trainable == "lora":
+                save_lora(pipe, adapter, student, tmp)
+                merge_lora(student)
+            pipe.save_pretrained(tmp, safe_serialization=True)
+            artifacts = method.artifacts()
+            if artifacts:
+                from safetensors.torch import save_file
 
-            save_file({k: v.float().cpu().contiguous() for k, v in artifacts.items()}, str(tmp / "diffscrub_artifacts.safetensors"))
-        timing["save_s"] = time.perf_counter() - t4
+                save_file({k: v.float().cpu().contiguous() for k, v in artifacts.items()}, str(tmp / "diffscrub_artifacts.safetensors"))
+            timing["save_s"] = time.perf_counter() - t4
+            timing["total_s"] = time.perf_counter() - t0
+            write_json(tmp / "diffscrub.json", record)
+        shutil.rmtree(root, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
+        log(f"wrote {config.out}")
+    else:
+        timing["save_s"] = 0.0
         timing["total_s"] = time.perf_counter() - t0
-        write_json(tmp / "diffscrub.json", record)
-    shutil.rmtree(root, ignore_errors=True)  # the run is complete: its checkpoints are no longer needed
-    log(f"wrote {config.out}")
+    dist.barrier()  # the other processes return once the output is in place
     return EraseResult(config.out, record, history)
+
+
+def _reduce(dist, total: torch.Tensor, terms: dict, stop: bool):
+    """Means over the processes of the loss and its terms (local means over equal local batches, so
+    global means), and whether any process was asked to stop; one all-reduce."""
+    keys = list(terms)
+    local = [total.detach().float().reshape(())] + [torch.as_tensor(terms[k]).detach().float().reshape(()).to(
+        total.device) for k in keys]
+    summed = dist.sum(torch.stack(local + [torch.tensor(float(stop), device=total.device)]))
+    means = summed[:-1] / dist.world
+    return means[0], {k: means[i + 1] for i, k in enumerate(keys)}, bool(summed[-1] > 0)
 
 
 def save_lora(pipe, adapter, model, folder) -> None:

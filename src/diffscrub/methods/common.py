@@ -92,7 +92,7 @@ def sample_to(
 
     b = t_stop.shape[0]
     if noise is None:
-        noise = torch.randn((b, latent_channels(ctx), *ctx.latent_hw), generator=ctx.generator).to(ctx.device)
+        noise = ctx.randn(b, latent_channels(ctx), *ctx.latent_hw)
     z = noise
     top = float(ctx.schedule.num_train_timesteps - 1)
     t_stop = t_stop.to(ctx.device).float()

@@ -1,0 +1,188 @@
+"""Several processes (DDP through accelerate): one process per device, the same run as one process.
+
+A run started by a launcher (``accelerate launch``, ``torchrun``; both set ``WORLD_SIZE``) trains with
+data parallelism: ``--batch-size`` is the GLOBAL batch and each of the ``W`` ranks takes ``B / W`` samples.
+
+* Every random draw of a training step goes through the :class:`~.context.ErasureContext`. All ranks
+  hold the same generator state, so each draw is made at the global batch size on every rank and each
+  rank keeps its own slice: the run consumes exactly the random stream of a single-process run, and
+  every sample gets the same image, timestep, prompt and noises as there.
+* The loss is a mean over the local batch; DDP averages gradients over ranks, which gives the
+  gradient of the global mean. Clipping and the optimizer then see what one process would see.
+* Phase 1 (textual inversion and, for methods whose state is all in ``state_dict``, ``prepare``) runs
+  once, on the main process, and its results (conditioning pool, method state, latent caches,
+  generator state) are broadcast. Methods with ``resumable_state = False`` run ``prepare`` on every
+  rank instead, from the same generator state.
+* Only the main process writes (checkpoints, the output folder); the others wait at a barrier.
+
+Without a launcher nothing here is used: :func:`setup` returns :data:`SINGLE` and the trainer runs as
+it always did.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+
+#: how long ranks wait for each other (Phase 1 runs on the main process alone while the others wait).
+TIMEOUT = datetime.timedelta(hours=3)
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+class Distributed:
+    """This process's place in the run and the few collectives the trainer needs (no-ops alone)."""
+
+    def __init__(self, accelerator=None):
+        self.accelerator = accelerator
+        if accelerator is None:
+            self.rank, self.world, self.device = 0, 1, None
+        else:
+            self.rank, self.world, self.device = accelerator.process_index, accelerator.num_processes, accelerator.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any = None) -> Any:
+        """The main process's ``obj`` on every rank (pickled; keep tensors on the CPU)."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (a new tensor, on this rank's device)."""
+        if not self.enabled:
+            return tensor
+        out = tensor.detach().clone().to(self.device)
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.SUM)
+        return out
+
+    def wrap(self, model: torch.nn.Module):
+        """What the student's training forward should call: the DDP-wrapped model (gradients averaged over
+        ranks), seen through :class:`DDPStudent` so that attribute look-ups still reach the model."""
+        if not self.enabled:
+            return model
+        return DDPStudent(self.accelerator.prepare_model(model), model)
+
+
+SINGLE = Distributed()
+
+
+class DDPStudent:
+    """Calls go through the DDP wrapper; attributes (submodules to hook, ``config``) come from the model.
+
+    Adapters call ``model(...)`` and read ``model.config`` or hook ``model.mid_block``: with this proxy
+    they need not know about DDP, and hooks land on the very modules DDP runs.
+    """
+
+    def __init__(self, wrapped: torch.nn.Module, module: torch.nn.Module):
+        object.__setattr__(self, "_wrapped", wrapped)
+        object.__setattr__(self, "_module", module)
+
+    def __call__(self, *args, **kwargs):
+        return self._wrapped(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._module, name)
+
+
+def setup(config) -> Distributed:
+    """:data:`SINGLE` without a launcher; otherwise start accelerate (gloo on CPU, NCCL on GPUs).
+
+    Raises :class:`ConfigError` when the global batch does not split evenly over the processes.
+    """
+    if not launched():
+        return SINGLE
+    world = int(os.environ["WORLD_SIZE"])
+    if config.batch_size % world:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is the global batch and must split evenly over the {world} "
+            f"processes: pass a multiple of {world}"
+        )
+    want = config.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but no CUDA device is visible: pass --device cpu")
+    cpu = want == "cpu" or (want == "auto" and not torch.cuda.is_available())
+    if not cpu and want not in ("auto", "cuda"):
+        raise ConfigError(f"device={want!r} is not supported with several processes: use cuda, cpu or auto")
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    # Precision is diffscrub's own (--mixed-precision): accelerate must not add autocast or compile the model,
+    # whatever its launch flags or config say.
+    accelerator = Accelerator(cpu=cpu, mixed_precision="no", dynamo_backend="no",
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=TIMEOUT)])
+    if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise ConfigError(
+            f"accelerate set up {accelerator.distributed_type.value}: diffscrub trains with plain DDP only "
+            "(no FSDP, DeepSpeed or Megatron yet): launch without those options"
+        )
+    if accelerator.num_processes != world:
+        raise ConfigError(f"WORLD_SIZE={world} but accelerate started {accelerator.num_processes} processes")
+    return Distributed(accelerator)
+
+
+# --------------------------------------------------------------------------- Phase 1 results
+def _on_cpu(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, bool]]:
+    return {k: (v.detach().cpu(), v.device.type != "cpu") for k, v in tensors.items()}
+
+
+def phase1_payload(ctx, method=None, **extra) -> dict:
+    """What the other ranks need from the main process's Phase 1 (tensors on the CPU): the conditioning pool,
+    the RNG and batch-sampler states, the latent caches and (``method`` given) the method's state."""
+    from .checkpoint import _flatten_cond
+
+    payload = {
+        "prompts": list(ctx.cond.prompts),
+        "cond": {k: v.detach().cpu() for k, v in _flatten_cond(ctx.cond.kwargs).items()},
+        "generator": ctx.generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "samplers": [sampler.state_dict() if sampler is not None else None
+                     for sampler in (ctx.forget_sampler, ctx.retain_sampler)],
+        "forget": (ctx.forget.mean, ctx.forget.std),
+        "retain": (ctx.retain.mean, ctx.retain.std) if ctx.retain is not None else None,
+        "method": _on_cpu(method.state_dict()) if method is not None else None,
+        "extra": extra,
+    }
+    return payload
+
+
+def apply_phase1(payload: dict, ctx, method=None) -> dict:
+    """Make this rank's context (and method) equal to the main process's; returns ``extra``."""
+    from ..adapters.base import Conditioning
+    from .checkpoint import _restore_cond
+
+    ctx.cond = Conditioning(payload["prompts"], _restore_cond(ctx.cond.kwargs, payload["cond"]))
+    ctx.generator.set_state(payload["generator"])
+    torch.set_rng_state(payload["torch_rng"])
+    for sampler, state in zip((ctx.forget_sampler, ctx.retain_sampler), payload["samplers"]):
+        if sampler is not None and state is not None:
+            sampler.load_state_dict(state)
+    ctx.forget.mean, ctx.forget.std = payload["forget"]
+    if payload["retain"] is not None:
+        ctx.retain.mean, ctx.retain.std = payload["retain"]
+    if method is not None and payload["method"] is not None:
+        method.load_state_dict({k: v.to(ctx.device) if on_device else v for k, (v, on_device) in payload["method"].items()})
+    return payload["extra"]
