@@ -151,3 +151,32 @@ def test_nonfinite_loss_names_term_and_step(tmp_path, monkeypatch):
               log=lambda m: None)
     assert not (tmp_path / "o").exists()
     assert complete_checkpoints(checkpoint_root(tmp_path / "o"))
+
+
+def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    """A full disk while saving a checkpoint: one-line error, the previous checkpoint intact, no partial one."""
+    from diffscrub.config import EraseConfig
+    from diffscrub.core import checkpoint as ck
+    from diffscrub.core.trainer import erase
+    from diffscrub.errors import InputError
+    from tiny_pipelines import build_tiny_pipeline
+
+    real_write = ck._write
+
+    def write(root, tmp, step, **kw):
+        if step == 4:
+            tmp.mkdir(parents=True, exist_ok=True)
+            raise OSError(28, "No space left on device")
+        return real_write(root, tmp, step, **kw)
+
+    monkeypatch.setattr(ck, "_write", write)
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=6, batch_size=2, quiet=True,
+                      device="cpu", conditioning="null", checkpoint_every=2)
+    with pytest.raises(InputError, match=r"disk space while saving checkpoint 4 .*'step-0000002' is intact.*--resume"):
+        erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                    "contrast_samples": 2, "contrast_sample_steps": 2}, pipe=build_tiny_pipeline("sd"),
+              log=lambda m: None)
+    root = checkpoint_root(tmp_path / "o")
+    assert [p.name for p in complete_checkpoints(root)] == ["step-0000002"]
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]

@@ -14,6 +14,7 @@ a save leaves only a ``.tmp-`` folder, which is never loaded and is cleaned up l
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -79,12 +80,39 @@ def _restore_cond(template: dict, tensors: dict[str, torch.Tensor], prefix: str 
 
 def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, method, history, identity: str,
                     extra: dict | None = None, keep: int = 2) -> pathlib.Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones."""
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones.
+
+    A full disk gives a one-line error naming the checkpoint that is still intact.
+    """
+    final = checkpoint_path(root, step)
+    tmp = root / f"{PREFIX}{step:07d}.tmp-{os.getpid()}"
+    try:
+        _write(root, tmp, step, student=student, optimizer=optimizer, ctx=ctx, method=method, history=history,
+               identity=identity, extra=extra)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            kept = complete_checkpoints(root)
+            raise InputError(
+                f"ran out of disk space while saving checkpoint {step} in '{root}': "
+                + (f"the previous checkpoint '{kept[-1].name}' is intact; " if kept else "")
+                + "free space, then rerun with --resume"
+            ) from None
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimizer, ctx, method, history,
+           identity: str, extra: dict | None) -> None:
+    """Everything of one checkpoint into ``tmp`` (renamed into place by the caller)."""
     from safetensors.torch import save_file
 
     root.mkdir(parents=True, exist_ok=True)
-    final = checkpoint_path(root, step)
-    tmp = root / f"{PREFIX}{step:07d}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
@@ -100,14 +128,8 @@ def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, m
         "extra": extra or {}, "complete": True,
     }
     (tmp / "meta.json").write_text(json.dumps(meta))
-    with open(tmp / "meta.json", "rb") as fh:  # the rename below must not overtake the data on disk
+    with open(tmp / "meta.json", "rb") as fh:  # the rename must not overtake the data on disk
         os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def complete_checkpoints(root: pathlib.Path) -> list[pathlib.Path]:
