@@ -1,0 +1,676 @@
+"""Training of the toy world's models, from scratch and seeded.
+
+Order: the VAE first (reconstruction + a small KL term), then a large fixed set of
+canvases is encoded once into cached latents (the VAE is frozen from then on), then
+each denoiser is trained jointly with its text encoder(s) on the cached latents with
+10 % caption dropout (so classifier-free guidance works), AdamW with warm-up and an EMA
+of the weights. The EMA weights are saved, in float16, as diffusers pipeline folders.
+
+``train_toy(model, out_dir, exclude=..., steps=..., seed=...)`` is what
+``diffscrub toy train`` calls. With ``exclude`` every training canvas (VAE included)
+leaves that concept out: the gold-standard "never saw it" model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from diffscrub.errors import ConfigError, TrainingError
+from diffscrub.toy import recipes as R
+from diffscrub.toy.canvas import caption, check_concept, sample_canvases
+
+Log = Callable[[str], None] | None
+
+LAST_RUN: dict[str, float] = {}
+"""Facts of the latest denoiser run in this process (steps done, training seconds)."""
+
+
+def _log(log: Log, msg: str) -> None:
+    if log is not None:
+        log(msg)
+
+
+def _lr_lambda(warmup: int, steps: int, floor: float = 0.1) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+
+    return f
+
+
+class EMA:
+    """Exponential moving average of a list of modules' float parameters."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = [copy.deepcopy(m).eval().requires_grad_(False) for m in modules]
+        self.modules = modules
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        # short runs: warm the average up so it is not dominated by the random init
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, live in zip(self.shadow, self.modules):
+            for ps, pl in zip(shadow.parameters(), live.parameters()):
+                ps.lerp_(pl.detach(), 1 - d)
+            for bs, bl in zip(shadow.buffers(), live.buffers()):
+                bs.copy_(bl)
+
+
+def make_training_set(
+    n: int,
+    seed: int,
+    exclude: str | None = None,
+    digit_weights: tuple[float, ...] = (0.4, 0.3, 0.3),
+) -> tuple[np.ndarray, list[str]]:
+    """``n`` train-split canvases (uint8 NHWC) and their captions."""
+    rng = np.random.default_rng(seed)
+    imgs, labels = sample_canvases(n, rng, split="train", exclude=exclude, digit_weights=digit_weights)
+    return imgs, [caption(lab) for lab in labels]
+
+
+def _to_model_range(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def train_vae(
+    imgs: np.ndarray,
+    cfg: R.VAEConfig | None = None,
+    seed: int = 0,
+    log: Log = print,
+):
+    """Train the shared AutoencoderKL on ``imgs`` and set its scaling/shift factors."""
+    cfg = cfg or R.VAEConfig()
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vae = R.build_vae()
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
+    warm = max(1, min(100, cfg.steps // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warm, cfg.steps))
+    x_all = _to_model_range(imgs)
+    t0 = time.time()
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(x_all), (cfg.batch_size,), generator=gen)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = rec_loss + cfg.kl_weight * kl * z[0].numel()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"VAE loss became {loss.item()} at step {step}: lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 200 == 0 or step == cfg.steps - 1:
+            _log(log, f"vae step {step}/{cfg.steps} rec {rec_loss.item():.4f} kl {kl.item():.3f} ({time.time() - t0:.0f}s)")
+    vae.eval().requires_grad_(False)
+    # scaling so cached latents have unit variance, shift for SD3-style pipelines
+    with torch.no_grad():
+        z = encode_latents(vae, imgs[: min(len(imgs), 2048)], raw=True)
+    shift = float(z.mean())
+    scale = float(1.0 / (z - shift).std())
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    _log(log, f"vae scaling_factor {scale:.4f} shift_factor {shift:.4f}")
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, imgs: np.ndarray, raw: bool = False, shift: bool = False, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means of ``imgs`` (uint8 NHWC). Scaled as a pipeline expects unless ``raw``;
+    ``shift`` subtracts the VAE's shift_factor first (SD3 convention)."""
+    out = []
+    for i in range(0, len(imgs), batch_size):
+        x = _to_model_range(imgs[i : i + batch_size])
+        out.append(vae.encode(x).latent_dist.mean)
+    z = torch.cat(out)
+    if raw:
+        return z
+    if shift:
+        z = z - vae.config.shift_factor
+    return z * vae.config.scaling_factor
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def tokenize(tokenizer, captions: list[str], max_length: int) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def _dropout_ids(ids: torch.Tensor, empty: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    drop = torch.rand(ids.shape[0], generator=gen) < p
+    if drop.any():
+        ids = ids.clone()
+        ids[drop] = empty
+    return ids
+
+
+def unet_text_embeds(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """What StableDiffusionPipeline feeds the UNet: the last hidden state (no mask)."""
+    return text_encoder(ids)[0]
+
+
+def sd3_text_embeds(clip1, clip2, t5, ids1, ids2, ids3) -> tuple[torch.Tensor, torch.Tensor]:
+    """What StableDiffusion3Pipeline.encode_prompt builds (clip_skip=None)."""
+    o1 = clip1(ids1, output_hidden_states=True)
+    o2 = clip2(ids2, output_hidden_states=True)
+    clip_embeds = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    t5_embeds = t5(ids3)[0]
+    clip_embeds = F.pad(clip_embeds, (0, t5_embeds.shape[-1] - clip_embeds.shape[-1]))
+    prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)
+    pooled = torch.cat([o1[0], o2[0]], dim=-1)
+    return prompt_embeds, pooled
+
+
+# ----------------------------------------------------------------------------- pad multiplicity
+#
+# StableDiffusion3Pipeline pads T5 prompts to 256 tokens. With the T5's relative position bias
+# fixed at zero, every <pad> position carries the same vector in the T5 and, since context
+# tokens have no position embedding, in every joint-attention block too. n identical keys
+# weigh in a softmax exactly like one key with log(n) added to its logit. So training feeds
+# a short T5 sequence (the caption, </s>, a few <pad> slots) and adds log(multiplicity) to the
+# <pad> keys' logits in T5 and in the transformer: the same numbers the pipeline computes with
+# 256 tokens, at a fraction of the cost. The patches exist only inside ``train_mmdit``; the
+# saved models are plain diffusers/transformers modules (checked in the tests).
+
+T5_TRAIN_LENGTH = 10  # longest caption is 7 words + </s>; at least two <pad> slots remain
+
+
+def compress_t5_ids(ids_full: torch.Tensor, pad_id: int, length: int = T5_TRAIN_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full padded T5 ids [B, L] -> short ids [B, length] and per-key log-multiplicity [B, length]."""
+    full_len = ids_full.shape[1]
+    n_real = (ids_full != pad_id).sum(dim=1)
+    if int(n_real.max()) >= length:
+        raise TrainingError(f"a caption has {int(n_real.max())} T5 tokens: raise T5_TRAIN_LENGTH above that")
+    short = ids_full[:, :length].clone()
+    pos = torch.arange(length)[None, :]
+    is_pad = pos >= n_real[:, None]
+    short[is_pad] = pad_id
+    per_slot = (full_len - n_real).float() / (length - n_real).float()
+    logw = torch.where(is_pad, per_slot.log()[:, None].expand(-1, length), torch.zeros(()))
+    return short, logw
+
+
+class _KeyBias:
+    """Holds the additive key bias of the current batch for the patched attentions."""
+
+    t5: torch.Tensor | None = None
+    joint: torch.Tensor | None = None
+
+
+class _BiasedJointAttnProcessor:
+    """Joint (image + context) attention like diffusers' JointAttnProcessor2_0, plus an
+    additive bias over keys (the <pad> multiplicity); used only while training."""
+
+    def __init__(self, holder: _KeyBias):
+        self.holder = holder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq = attn.norm_added_q(cq)
+        if attn.norm_added_k is not None:
+            ck = attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.holder.joint.to(q.dtype))
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        img = attn.to_out[1](attn.to_out[0](img))
+        return img, ctx
+
+
+def _patch_for_short_t5(t5, transformer, holder: _KeyBias) -> None:
+    attn0 = t5.encoder.block[0].layer[0].SelfAttention
+    attn0.compute_bias = lambda *a, **k: holder.t5  # noqa: E731 (bias [B, 1, 1, Lk] instead of zeros)
+    transformer.set_attn_processor(_BiasedJointAttnProcessor(holder))
+
+
+def _unpatch_short_t5(t5, transformer) -> None:
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    attn0 = t5.encoder.block[0].layer[0].SelfAttention
+    attn0.__dict__.pop("compute_bias", None)
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+
+
+# ----------------------------------------------------------------------------- denoisers
+
+
+def _optimizer(denoiser, text_modules, cfg: R.TrainConfig):
+    groups = [{"params": list(denoiser.parameters()), "lr": cfg.lr}]
+    text_params = [p for m in text_modules for p in m.parameters()]
+    if text_params:
+        groups.append({"params": text_params, "lr": cfg.text_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    for g in opt.param_groups:
+        g["base_lr"] = g["lr"]
+    return opt, _Schedule(opt, min(cfg.warmup, max(1, cfg.steps // 5)), cfg.steps)
+
+
+class _Schedule:
+    """Warm-up then cosine decay to 10 %; progress is the larger of step/steps and
+    elapsed/time_limit, so a run cut by a time limit still ends with a decayed rate."""
+
+    def __init__(self, opt, warmup: int, steps: int, floor: float = 0.1):
+        self.opt, self.warmup, self.steps, self.floor = opt, warmup, steps, floor
+        self.step_i = 0
+        self.time_limit_s: float | None = None
+        self.t0 = time.time()
+
+    def progress(self) -> float:
+        p = self.step_i / max(1, self.steps)
+        if self.time_limit_s:
+            p = max(p, (time.time() - self.t0) / self.time_limit_s)
+        return min(1.0, p)
+
+    def step(self) -> None:
+        self.step_i += 1
+        if self.step_i < self.warmup:
+            f = (self.step_i + 1) / self.warmup
+        else:
+            p = self.progress()
+            f = self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * p))
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * f
+
+
+def train_unet(
+    latents: torch.Tensor,
+    captions: list[str],
+    cfg: R.TrainConfig,
+    seed: int = 0,
+    log: Log = print,
+    time_limit_s: float | None = None,
+    checkpoint: Callable[[list], None] | None = None,
+    checkpoint_every_s: float = 900.0,
+    init: str | Path | None = None,
+):
+    """Train text encoder + UNet on cached (scaled) latents. Returns EMA (tokenizer, text_encoder, unet)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    tok = R.build_clip_tokenizer()
+    te = R.build_unet_text_encoder(tok)
+    unet = R.build_unet()
+    if init is not None:  # continue from a saved toy-unet folder
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        te = CLIPTextModel.from_pretrained(str(Path(init) / "text_encoder"), dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(Path(init) / "unet"), torch_dtype=torch.float32)
+    sched_train = R.build_unet_train_scheduler()
+    ids_all = tokenize(tok, captions, R.TOKEN_LENGTH)
+    empty = tokenize(tok, [""], R.TOKEN_LENGTH)[0]
+    acp = sched_train.alphas_cumprod.float()
+    snr = acp / (1 - acp)
+    weight_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+
+    te.train()
+    unet.train()
+    opt, sched = _optimizer(unet, [te], cfg)
+    sched.time_limit_s = time_limit_s
+    ema = EMA([te, unet], cfg.ema_decay)
+    t0 = time.time()
+    last_ckpt = t0
+    run_loss = None
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        ids = _dropout_ids(ids_all[idx], empty, cfg.caption_dropout, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, sched_train.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        a = acp[t].sqrt()[:, None, None, None]
+        s = (1 - acp[t]).sqrt()[:, None, None, None]
+        xt = a * x0 + s * noise
+        cond = unet_text_embeds(te, ids)
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * weight_t[t]).mean()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"toy-unet loss became {loss.item()} at step {step}: lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            _log(log, f"toy-unet step {step}/{cfg.steps} loss {run_loss:.4f} ({time.time() - t0:.0f}s)")
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_every_s:
+            checkpoint(ema.shadow)
+            last_ckpt = time.time()
+            _log(log, f"toy-unet: checkpoint at step {step}")
+        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+            _log(log, f"toy-unet: time limit {time_limit_s:.0f}s reached at step {step}")
+            break
+    LAST_RUN.update(steps_done=ema.updates, train_s=round(time.time() - t0, 1))
+    te_ema, unet_ema = ema.shadow
+    return tok, te_ema, unet_ema
+
+
+def train_mmdit(
+    latents: torch.Tensor,
+    captions: list[str],
+    cfg: R.TrainConfig,
+    seed: int = 0,
+    log: Log = print,
+    time_limit_s: float | None = None,
+    checkpoint: Callable[[list], None] | None = None,
+    checkpoint_every_s: float = 900.0,
+    init: str | Path | None = None,
+):
+    """Train the three text encoders + SD3 transformer with rectified flow on cached
+    (shifted, scaled) latents. Returns EMA (tok, clip1, tok2, clip2, t5tok, t5, transformer)."""
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    tok = R.build_clip_tokenizer()
+    tok2 = R.build_clip_tokenizer()
+    t5tok = R.build_t5_tokenizer()
+    clip1 = R.build_mmdit_clip(tok)
+    clip2 = R.build_mmdit_clip(tok2)
+    t5 = R.build_mmdit_t5(t5tok)
+    tr = R.build_transformer()
+    if init is not None:  # continue from a saved toy-mmdit folder
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+        clip1 = CLIPTextModelWithProjection.from_pretrained(str(Path(init) / "text_encoder"), dtype=torch.float32)
+        clip2 = CLIPTextModelWithProjection.from_pretrained(str(Path(init) / "text_encoder_2"), dtype=torch.float32)
+        t5 = T5EncoderModel.from_pretrained(str(Path(init) / "text_encoder_3"), dtype=torch.float32)
+        tr = SD3Transformer2DModel.from_pretrained(str(Path(init) / "transformer"), torch_dtype=torch.float32)
+    ids1_all = tokenize(tok, captions, R.TOKEN_LENGTH)
+    ids3_all, logw_all = compress_t5_ids(tokenize(t5tok, captions, R.T5_SEQUENCE_LENGTH), t5tok.pad_token_id)
+    empty1 = tokenize(tok, [""], R.TOKEN_LENGTH)[0]
+    empty3, empty_logw = compress_t5_ids(tokenize(t5tok, [""], R.T5_SEQUENCE_LENGTH), t5tok.pad_token_id)
+    n_img = (latents.shape[-1] // tr.config.patch_size) ** 2
+    n_clip = ids1_all.shape[1]
+    for block in t5.encoder.block:  # the relative position bias stays at zero (see recipes)
+        attn = block.layer[0].SelfAttention
+        if attn.has_relative_attention_bias:
+            attn.relative_attention_bias.weight.requires_grad_(False)
+
+    mods = [clip1, clip2, t5, tr]
+    for m in mods:
+        m.train()
+    opt, sched = _optimizer(tr, [clip1, clip2, t5], cfg)
+    sched.time_limit_s = time_limit_s
+    ema = EMA(mods, cfg.ema_decay)
+    holder = _KeyBias()
+    _patch_for_short_t5(t5, tr, holder)
+    t0 = time.time()
+    last_ckpt = t0
+    run_loss = None
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
+        x0 = latents[idx]
+        drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
+        ids1 = ids1_all[idx].clone()
+        ids3 = ids3_all[idx].clone()
+        logw = logw_all[idx].clone()
+        ids1[drop] = empty1
+        ids3[drop] = empty3[0]
+        logw[drop] = empty_logw[0]
+        holder.t5 = logw[:, None, None, :]
+        holder.joint = F.pad(logw, (n_img + n_clip, 0))[:, None, None, :]
+        noise = torch.randn(x0.shape, generator=gen)
+        # logit-normal times (SD3), mixed with 10 % uniform so the ends are covered too
+        u = torch.sigmoid(torch.randn(len(idx), generator=gen))
+        uni = torch.rand(len(idx), generator=gen)
+        sigma = torch.where(torch.rand(len(idx), generator=gen) < 0.1, uni, u)
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        prompt_embeds, pooled = sd3_text_embeds(clip1, clip2, t5, ids1, ids1, ids3)
+        pred = tr(hidden_states=xt, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=sigma * 1000).sample
+        loss = F.mse_loss(pred, noise - x0)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"toy-mmdit loss became {loss.item()} at step {step}: lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
+        if step % 100 == 0 or step == cfg.steps - 1:
+            _log(log, f"toy-mmdit step {step}/{cfg.steps} loss {run_loss:.4f} ({time.time() - t0:.0f}s)")
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_every_s:
+            checkpoint(ema.shadow)
+            last_ckpt = time.time()
+            _log(log, f"toy-mmdit: checkpoint at step {step}")
+        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+            _log(log, f"toy-mmdit: time limit {time_limit_s:.0f}s reached at step {step}")
+            break
+    _unpatch_short_t5(t5, tr)
+    LAST_RUN.update(steps_done=ema.updates, train_s=round(time.time() - t0, 1))
+    c1, c2, t5e, tre = ema.shadow
+    return tok, c1, tok2, c2, t5tok, t5e, tre
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _half(module):
+    return copy.deepcopy(module).to(torch.float16).eval()
+
+
+def _float(module):
+    return copy.deepcopy(module).to(torch.float32).eval()
+
+
+# Text encoders are stored in float32: transformers loads a checkpoint in its stored dtype
+# by default while diffusers loads models in float32, so float16 text encoders would break a
+# plain ``DiffusionPipeline.from_pretrained(folder)`` on CPU. They are small anyway.
+
+def save_unet_pipeline(out: Path, vae, tok, te, unet, half: bool = True) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    conv = _half if half else (lambda m: m)
+    pipe = StableDiffusionPipeline(
+        vae=conv(vae),
+        text_encoder=_float(te),
+        tokenizer=tok,
+        unet=conv(unet),
+        scheduler=R.build_unet_sampler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def save_mmdit_pipeline(out: Path, vae, tok, clip1, tok2, clip2, t5tok, t5, tr, half: bool = True) -> Path:
+    from diffusers import StableDiffusion3Pipeline
+
+    conv = _half if half else (lambda m: m)
+    pipe = StableDiffusion3Pipeline(
+        transformer=conv(tr),
+        scheduler=R.build_flow_scheduler(),
+        vae=conv(vae),
+        text_encoder=_float(clip1),
+        tokenizer=tok,
+        text_encoder_2=_float(clip2),
+        tokenizer_2=tok2,
+        text_encoder_3=_float(t5),
+        tokenizer_3=t5tok,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return out
+
+
+def load_vae(folder: str | Path):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- top level
+
+
+MODEL_CHOICES = ("toy-unet", "toy-mmdit", "all", "oracle")
+
+
+def train_toy(
+    model: str = "all",
+    out_dir: str | Path = "toy-models",
+    exclude: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    vae_steps: int | None = None,
+    n_canvases: int | None = None,
+    batch_size: int | None = None,
+    vae_dir: str | Path | None = None,
+    time_limit_s: float | None = None,
+    num_threads: int | None = 2,
+    checkpoints: bool = False,
+    init_dir: str | Path | None = None,
+    log: Log = print,
+) -> dict[str, Path]:
+    """Train toy model(s) from scratch into ``out_dir/<name>/``; returns the folders written.
+
+    ``steps`` overrides the denoiser step count (and, when small, shrinks the VAE run and
+    the number of canvases so that a smoke run takes seconds). ``vae_dir`` reuses a trained
+    VAE folder instead of training one. ``exclude`` removes a concept from every training
+    canvas. ``model="oracle"`` retrains the oracle into ``out_dir/oracle.safetensors``.
+    ``init_dir`` continues training from a saved pipeline folder of the same model (with
+    ``model`` naming one model).
+    """
+    if init_dir is not None and model not in ("toy-unet", "toy-mmdit"):
+        raise ConfigError(f"--init needs --model toy-unet or toy-mmdit, not {model!r}")
+    if model not in MODEL_CHOICES:
+        raise ConfigError(f"unknown toy model {model!r}: use one of {', '.join(MODEL_CHOICES)}")
+    if exclude is not None:
+        exclude = check_concept(exclude)
+    if steps is not None and int(steps) < 1:
+        raise ConfigError(f"--steps {steps} must be at least 1")
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Path] = {}
+    t_start = time.time()
+
+    if model == "oracle":
+        if exclude is not None:
+            raise ConfigError("the oracle is a judge and always sees every concept: drop --exclude for --model oracle")
+        from diffscrub.toy.oracle import SHIPPED_STAGES, train_oracle, train_oracle_staged
+
+        path = out / "oracle.safetensors"
+        if steps is None:  # the shipped schedule
+            stages = tuple(dict(st, seed=st["seed"] + seed) for st in SHIPPED_STAGES)
+            train_oracle_staged(path, stages, log=log)
+        else:
+            train_oracle(path, steps=steps, n_pool=max(64, steps * 64) if steps < 100 else 40000, seed=seed, log=log)
+        written["oracle"] = path
+        return written
+
+    cfg = R.TrainConfig()
+    if steps is not None:
+        cfg.steps = int(steps)
+    small = cfg.steps < 100
+    if batch_size is not None:
+        cfg.batch_size = int(batch_size)
+    elif small:
+        cfg.batch_size = 8
+    n = n_canvases or (max(32, cfg.steps * cfg.batch_size) if small else cfg.n_canvases)
+    n = min(n, cfg.n_canvases) if n_canvases is None else n
+
+    t0 = time.time()
+    imgs, caps = make_training_set(n, seed, exclude=exclude, digit_weights=cfg.digit_weights)
+    _log(log, f"{n} training canvases{' without ' + exclude if exclude else ''} in {time.time() - t0:.1f}s")
+
+    if vae_dir is not None:
+        vae = load_vae(vae_dir)
+    else:
+        vcfg = R.VAEConfig()
+        if vae_steps is not None:
+            vcfg.steps = int(vae_steps)
+        elif small:
+            vcfg.steps = cfg.steps
+        if small:
+            vcfg.batch_size = min(vcfg.batch_size, 8)
+        t0 = time.time()
+        vae = train_vae(imgs[: vcfg.n_canvases], vcfg, seed=seed, log=log)
+        _log(log, f"vae trained in {time.time() - t0:.0f}s")
+        vae.save_pretrained(str(out / "vae"), safe_serialization=True)
+        written["vae"] = out / "vae"
+
+    names = ["toy-unet", "toy-mmdit"] if model == "all" else [model]
+    for name in names:
+        t0 = time.time()
+        if name == "toy-unet":
+            lat = encode_latents(vae, imgs)
+            _log(log, f"encoded {len(lat)} latents in {time.time() - t0:.0f}s")
+            tok = R.build_clip_tokenizer()
+            ck = (lambda sh, _o=out / f"{name}-checkpoint": save_unet_pipeline(_o, vae, tok, *sh)) if checkpoints else None
+            tok, te, unet = train_unet(
+                lat, caps, cfg, seed=seed, log=log, time_limit_s=time_limit_s, checkpoint=ck, init=init_dir
+            )
+            save_unet_pipeline(out / name, vae, tok, te, unet)
+        else:
+            lat = encode_latents(vae, imgs, shift=True)
+            _log(log, f"encoded {len(lat)} latents in {time.time() - t0:.0f}s")
+            toks = (R.build_clip_tokenizer(), R.build_clip_tokenizer(), R.build_t5_tokenizer())
+
+            def ck(sh, _o=out / f"{name}-checkpoint"):
+                save_mmdit_pipeline(_o, vae, toks[0], sh[0], toks[1], sh[1], toks[2], sh[2], sh[3])
+
+            parts = train_mmdit(
+                lat, caps, cfg, seed=seed, log=log, time_limit_s=time_limit_s,
+                checkpoint=ck if checkpoints else None, init=init_dir,
+            )
+            save_mmdit_pipeline(out / name, vae, *parts)
+        meta = {
+            "model": name,
+            "exclude": exclude,
+            "steps": cfg.steps,
+            "steps_done": LAST_RUN.get("steps_done"),
+            "train_s": LAST_RUN.get("train_s"),
+            "init": str(init_dir) if init_dir is not None else None,
+            "batch_size": cfg.batch_size,
+            "n_canvases": n,
+            "seed": seed,
+            "wall_s": round(time.time() - t0, 1),
+        }
+        (out / name / "diffscrub_toy.json").write_text(json.dumps(meta, indent=2))
+        written[name] = out / name
+        _log(log, f"{name} written to {out / name} ({time.time() - t0:.0f}s)")
+    _log(log, f"train_toy total {time.time() - t_start:.0f}s")
+    return written
