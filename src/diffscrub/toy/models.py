@@ -50,6 +50,8 @@ def load_toy_pipeline(name_or_path: str | Path, dtype: torch.dtype = torch.float
     from diffusers import DiffusionPipeline
 
     pipe = DiffusionPipeline.from_pretrained(str(model_folder(name_or_path)))
-    pipe = pipe.to(device=device, dtype=dtype)
+    if any(getattr(m, "dtype", dtype) != dtype for m in pipe.components.values()):
+        pipe = pipe.to(dtype=dtype)
+    pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -24,8 +24,9 @@ TOKEN_LENGTH = 16  # CLIP/T5 tokenizer model_max_length
 T5_SEQUENCE_LENGTH = 256  # what StableDiffusion3Pipeline pads T5 prompts to by default
 
 DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = {"toy-unet": 3.0, "toy-mmdit": 3.0}
-"""Classifier-free guidance scale used by ``diffscrub toy quality`` (measured: see quality.py)."""
+DEFAULT_GUIDANCE = {"toy-unet": 5.0, "toy-mmdit": 3.0}
+"""Classifier-free guidance used by ``diffscrub toy quality``. toy-unet, 20 steps, 320 single-digit
+samples: asked digit found 0.44 at 3.0, 0.51 at 5.0, 0.50 at 7.5 (background 1.00 at all three)."""
 
 
 @dataclass
