@@ -51,3 +51,7 @@ def test_cli_make_sets(tmp_path, capsys):
     assert main(["toy", "make-sets", "banana", "--out", str(tmp_path / "y")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown toy concept 'banana'") and err.count("\n") == 1
+    assert main(["toy", "make-sets", "--concept", "7", "--out", str(tmp_path / "z"), "--n", "2"]) == 0
+    assert len(list((tmp_path / "z" / "forget").glob("*.png"))) == 2
+    assert main(["toy", "make-sets", "--out", str(tmp_path / "w")]) == 2
+    assert "pass --concept" in capsys.readouterr().err

@@ -12,12 +12,17 @@ import json
 import sys
 import time
 
-from diffscrub.errors import DiffscrubError
+from diffscrub.errors import DiffscrubError, InputError
 
 
 def _cmd_make_sets(args: argparse.Namespace) -> int:
     from diffscrub.toy.sets import make_sets
 
+    if args.concept and args.concept_pos and args.concept != args.concept_pos:
+        raise InputError(f"two concepts given ({args.concept_pos!r} and --concept {args.concept!r}): give one")
+    args.concept = args.concept or args.concept_pos
+    if not args.concept:
+        raise InputError("no concept given: pass --concept 7 (a digit 0-9 or a background name)")
     res = make_sets(args.concept, args.out, n=args.n, seed=args.seed, n_retain=args.n_retain)
     print(f"wrote {len(res['forget'])} forget and {len(res['retain'])} retain PNGs for concept "
           f"{args.concept!r} under {args.out}")
@@ -81,7 +86,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("make-sets", help="write forget/ and retain/ PNG folders for a concept")
-    p.add_argument("concept", help=f"a digit 0-9 or a background ({', '.join(CONCEPTS[10:])})")
+    p.add_argument("concept_pos", nargs="?", metavar="CONCEPT", help="the concept (same as --concept)")
+    p.add_argument("--concept", default=None, help=f"a digit 0-9 or a background ({', '.join(CONCEPTS[10:])})")
     p.add_argument("--out", required=True, help="output folder (gets forget/ and retain/)")
     p.add_argument("--n", type=int, default=64, help="forget images (default 64)")
     p.add_argument("--n-retain", type=int, default=None, help="retain images (default: same as --n)")
