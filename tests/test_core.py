@@ -252,6 +252,19 @@ def test_config_file_and_flags_merge(tmp_path):
     assert (options.tau, options.alpha, options.num_prototypes) == (0.7, 9.0, 5)
 
 
+def test_boolean_defaults_can_be_turned_off(tmp_path):
+    from diffscrub.cli import build_parser, config_from_args
+    from diffscrub.methods.tss import TSSConfig
+
+    (tmp_path / "c.toml").write_text("[tss]\ncontrastive = true\n")
+    ns = build_parser().parse_args(["erase", "--config", str(tmp_path / "c.toml"), "--no-contrastive", "--model", "m",
+                                    "--forget", "f", "--out", "o"])
+    for key in ("_run", "command"):
+        delattr(ns, key)
+    _, tss = config_from_args(ns)
+    assert build(TSSConfig, tss, where="tss").contrastive is False
+
+
 @pytest.mark.parametrize("values,match", [
     ({"stepz": 3}, "unknown key 'stepz'"),
     ({"steps": "many"}, "steps='many' has the wrong type"),

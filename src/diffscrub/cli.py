@@ -44,6 +44,11 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, *, section: str | 
         if tp is bool:
             group.add_argument(flag, dest=dest, action="store_const", const=True, default=argparse.SUPPRESS,
                                help=help_text)
+            if default is True:  # an option that is on by default needs a way to turn it off
+                off = "--no-" + flag[2:]
+                taken.add(off)
+                group.add_argument(off, dest=dest, action="store_const", const=False, default=argparse.SUPPRESS,
+                                   help=f"turn off {flag}")
         else:
             group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
 
