@@ -180,3 +180,20 @@ def test_disk_full_during_checkpoint_keeps_previous(tmp_path, monkeypatch):
     root = checkpoint_root(tmp_path / "o")
     assert [p.name for p in complete_checkpoints(root)] == ["step-0000002"]
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]
+
+
+def test_checkpoint_and_artifacts_when_every_prototype_is_kept(tmp_path):
+    """--no-contrastive keeps every prototype, so two saved tensors share memory; both the checkpoint
+    and the artifacts file must still be written (safetensors refuses shared storage)."""
+    from diffscrub.config import EraseConfig
+    from diffscrub.core.trainer import erase
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=3, batch_size=2, quiet=True,
+                      device="cpu", conditioning="null", checkpoint_every=1)
+    result = erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                         "contrastive": False}, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    artifacts = load_file(str(tmp_path / "o" / "diffscrub_artifacts.safetensors"))
+    assert torch.equal(artifacts["prototypes"], artifacts["all_prototypes"])
+    assert result.record["prepare"]["prototypes_kept"] == 2

@@ -78,6 +78,24 @@ def _restore_cond(template: dict, tensors: dict[str, torch.Tensor], prefix: str 
     return out
 
 
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each with its own storage.
+
+    safetensors refuses two entries that share memory (for example the kept prototypes when every
+    prototype is kept); only those are copied, so large weights are not duplicated.
+    """
+    seen, out = set(), {}
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        ptr = value.untyped_storage().data_ptr()
+        if ptr in seen:
+            value = value.clone()
+            ptr = value.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[key] = value
+    return out
+
+
 def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, method, history, identity: str,
                     extra: dict | None = None, keep: int = 2) -> pathlib.Path:
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones.
@@ -118,7 +136,7 @@ def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimiz
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
     tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     tensors.update({k: v.detach().cpu().contiguous() for k, v in _flatten_cond(ctx.cond.kwargs).items()})
-    save_file(tensors, str(tmp / "state.safetensors"))
+    save_file(unshared(tensors), str(tmp / "state.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {
         "step": step, "identity": identity, "prompts": ctx.cond.prompts, "history": history,

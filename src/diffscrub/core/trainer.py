@@ -28,7 +28,7 @@ from ..methods import INPUTS, METHODS
 from . import distributed
 from .context import ErasureContext, LatentCache
 from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
-                         run_identity, save_checkpoint)
+                         run_identity, save_checkpoint, unshared)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -480,7 +480,8 @@ def erase(
             if artifacts:
                 from safetensors.torch import save_file
 
-                save_file({k: v.float().cpu().contiguous() for k, v in artifacts.items()}, str(tmp / "diffscrub_artifacts.safetensors"))
+                save_file(unshared({k: v.float() for k, v in artifacts.items()}),
+                      str(tmp / "diffscrub_artifacts.safetensors"))
             timing["save_s"] = time.perf_counter() - t4
             timing["total_s"] = time.perf_counter() - t0
             write_json(tmp / "diffscrub.json", record)
