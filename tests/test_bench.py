@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 
 from diffscrub.bench.compare import _row, format_table
 

@@ -16,6 +16,7 @@ from diffscrub.adapters.base import Features
 from diffscrub.config import EraseConfig, build, merge
 from diffscrub.errors import ConfigError
 from diffscrub.schedules import DDPMSchedule, FlowSchedule, schedule_from_scheduler
+from random_images import write_random_images as _images
 
 
 def ddpm():
@@ -152,12 +153,7 @@ def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
     from diffscrub.core.trainer import erase
     from tiny_pipelines import build_tiny_pipeline
 
-    forget, retain = tmp_path / "f", tmp_path / "r"
-    for folder in (forget, retain):
-        folder.mkdir()
-        for i in range(4):
-            Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-                folder / f"{i}.png")
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
     pipe = build_tiny_pipeline("sd")
     counts = {"teacher": 0, "student": 0, "vae": 0, "training": False}
     from diffscrub.core import context as ctx_mod
@@ -297,14 +293,6 @@ def test_merge_nested():
 
 
 # ----------------------------------------------------------------------------- command line
-def _images(folder, n=4, size=32):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
-
-
 def test_cli_end_to_end(tiny_pipeline_dirs, tmp_path, capsys):
     from diffusers import DiffusionPipeline
 

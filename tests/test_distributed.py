@@ -10,11 +10,11 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+
+from random_images import write_random_images
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():
@@ -24,11 +24,7 @@ STEPS = 3
 
 
 def _images(folder, n=6):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
+    return write_random_images(folder, n)
 
 
 def _erase_args(model, forget, out, batch=4):

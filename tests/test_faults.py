@@ -9,23 +9,14 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from diffscrub.core.checkpoint import checkpoint_root, complete_checkpoints
+from random_images import write_random_images as _images
 
 STEPS = 8
-
-
-def _images(folder, n=4):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
-            folder / f"{i}.png")
-    return folder
 
 
 def _cmd(model, forget, out, *extra):
