@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from diffscrub.concept import blind, concept_mask, fit_prototypes
+from diffscrub.concept import blind, concept_mask, fit_prototypes, surround_fill
 from diffscrub.adapters.base import Features
 from diffscrub.config import EraseConfig, build, merge
 from diffscrub.errors import ConfigError
@@ -46,6 +46,86 @@ def test_blinding_properties(kind, seed, t):
     half[..., 4:] = 1
     zb = sched.add_noise(blind(z0, half, eta), eps, tt)
     assert torch.equal(zb[..., :4], z_t[..., :4])
+
+
+@pytest.mark.parametrize("kind,prediction_type", [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("flow", "flow")])
+def test_forget_target_clean_erases_where_seed_target_cannot(kind, prediction_type):
+    """With a teacher that knows the blinded latent exactly, the seed's raw-prediction target implies a clean
+    latent that still holds the object inside the mask (all of it for eps, a share that grows as t falls
+    for v and flow); the clean target is met only by a student whose clean estimate there is the fill."""
+    from diffscrub.methods.tss.method import forget_loss
+
+    sched = SCHEDULES[kind]()
+    if kind == "ddpm":
+        sched.prediction_type = prediction_type
+    g = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([150, 450, 800])
+    mask = torch.zeros(3, 1, 8, 8)
+    mask[..., 2:5, 2:6] = 1
+    inside = mask.expand_as(z0).bool()
+    z0_blind = blind(z0, mask, surround_fill(z0, mask))
+    z_t, z_t_blind = sched.add_noise(z0, eps, t), sched.add_noise(z0_blind, eps, t)
+    teacher_blind = sched.target(z0_blind, eps, t)  # a teacher that knows the blinded latent exactly
+    unchanged = sched.target(z0, eps, t)  # the student before training: denoises z_t faithfully
+
+    # What a student that meets the seed's target at z_t implies as its clean latent: z0 * c + fill * (1 - c).
+    implied = sched.predict_z0(z_t, teacher_blind, t)
+    c = ((implied - z0_blind)[inside] / (z0 - z0_blind)[inside]).reshape(3, -1)
+    assert torch.allclose(c, c[:, :1].expand_as(c), atol=1e-3)  # one share per sample
+    share = c[:, 0]
+    if prediction_type == "epsilon":
+        assert torch.allclose(share, torch.ones(3), atol=1e-4)  # the object comes back in full
+        assert forget_loss(sched, "seed", unchanged, z_t, teacher_blind, z_t_blind, t, mask) < 1e-10
+    else:
+        assert share[0] > 0.5 and share[0] > share[1] > share[2] > 0  # more of it kept the smaller t
+
+    # The clean target: the unchanged student is penalised; one whose clean estimate is z0_blind is not.
+    erased_noise = (z_t - sched.add_noise(z0_blind, torch.zeros_like(eps), t)) / _expand_s(sched, t)
+    erased = sched.target(z0_blind, erased_noise, t)  # the prediction at z_t that implies z0_blind
+    assert torch.allclose(sched.predict_z0(z_t, erased, t), z0_blind, atol=1e-4)
+    assert forget_loss(sched, "clean", unchanged, z_t, teacher_blind, z_t_blind, t, mask) > 1e-3
+    assert forget_loss(sched, "clean", erased, z_t, teacher_blind, z_t_blind, t, mask) < 1e-8
+
+
+def test_forget_loss_learned_variance_uses_mean_channels():
+    """DiT/PixArt predict [mean, variance] (2C channels): the clean target reads the mean half only."""
+    from diffscrub.methods.tss.method import forget_loss
+
+    sched = SCHEDULES["ddpm"]()
+    g = torch.Generator().manual_seed(1)
+    z_t, z_tb, s_mean, t_mean, var = (torch.randn(2, 4, 6, 6, generator=g) for _ in range(5))
+    t, mask = torch.tensor([300, 600]), torch.ones(2, 1, 6, 6)
+    base = forget_loss(sched, "clean", s_mean, z_t, t_mean, z_tb, t, mask)
+    same_var = forget_loss(sched, "clean", torch.cat([s_mean, var], 1), z_t, torch.cat([t_mean, var], 1), z_tb, t, mask)
+    assert torch.allclose(base, same_var)
+    other_var = forget_loss(sched, "clean", torch.cat([s_mean, var], 1), z_t, torch.cat([t_mean, -var], 1), z_tb, t,
+                            mask)
+    assert other_var > base
+
+
+def _expand_s(sched, t):
+    return sched.coefficients(t)[1].reshape(-1, 1, 1, 1)
+
+
+def test_surround_fill_is_the_mean_outside_the_mask():
+    z0 = torch.zeros(2, 3, 4, 4)
+    z0[0, :, :, :2] = 2.0  # left half 2, right half 0
+    z0[1] = torch.arange(3.0).reshape(3, 1, 1)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, :, :, 2:] = 1  # mask the right half: the surround is the left half
+    fill = surround_fill(z0, mask)
+    assert fill.shape == z0.shape
+    assert torch.allclose(fill[0], torch.full((3, 4, 4), 2.0))
+    assert torch.allclose(fill[1], z0[1])  # empty mask: per-channel mean of the whole latent
+    full = torch.ones(2, 1, 4, 4)  # nothing outside: falls back to the image's own mean
+    assert torch.allclose(surround_fill(z0, full)[0], z0[0].mean(dim=(1, 2), keepdim=True).expand(3, 4, 4))
+
+
+def test_snr_decreases_with_t():
+    for kind, make in SCHEDULES.items():
+        snr = make().snr(torch.tensor([1, 100, 500, 999]))
+        assert torch.all(snr[:-1] > snr[1:]), kind
 
 
 def test_flow_schedule_matches_rectified_flow():
@@ -279,6 +359,8 @@ def test_config_rejects(values, match):
     ({"lambda_f": -1}, "tss.lambda_f=-1"),
     ({"t_low": 700, "t_high": 300}, "tss.t_high=300"),
     ({"mask_mode": "sometimes"}, "tss.mask_mode"),
+    ({"forget_target": "raw"}, "tss.forget_target"),
+    ({"snr_floor": 9.0}, "tss.snr_floor=9.0"),
     ({"kk": 1}, "unknown key 'kk' in tss"),
 ])
 def test_tss_config_rejects(values, match):

@@ -33,7 +33,7 @@ def test_demo_small(tmp_path, capsys):
     assert {"null", "concept", "other"} <= set(metrics["sets"])
     rate = metrics["sets"]["null"]["concept_rate"]
     assert 0 <= rate["erased"]["rate"] <= 1 and rate["reader"] == "oracle"
-    assert summary["concept"] == "7" and summary["nearest_words"] is not None
+    assert summary["concept"] == demo.DEMO_CONCEPT and summary["nearest_words"] is not None
     printed = capsys.readouterr().out
     assert "concept rate (oracle)" in printed and "report.html" in printed
     # A second run refuses to overwrite the result unless asked, and leaves it intact.

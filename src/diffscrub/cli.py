@@ -117,7 +117,8 @@ def cmd_demo(ns) -> int:
     from .demo import run_demo
 
     _quiet_libraries()
-    run_demo(out=ns.out, steps=ns.steps, overwrite=ns.overwrite, quiet=ns.quiet, concept=ns.concept)
+    run_demo(out=ns.out, steps=ns.steps, overwrite=ns.overwrite, quiet=ns.quiet,
+             **({"concept": ns.concept} if ns.concept else {}))
     return 0
 
 
@@ -141,8 +142,10 @@ def cmd_bench(ns) -> int:
 
     _quiet_libraries()
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    extra = [f"--lr={ns.lr}"] if ns.lr is not None else []
+    extra += [f"--batch-size={ns.batch_size}"] if ns.batch_size is not None else []
     run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
-              n_null=ns.n_null, overwrite=ns.overwrite,
+              n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra,
               log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
     print((__import__("pathlib").Path(ns.out) / "bench.txt").read_text(), end="")
     return 0
@@ -177,10 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_dataclass_flags(p, cls.config_class, section=name, taken=taken)
     p.set_defaults(_run=cmd_erase)
 
-    p = sub.add_parser("demo", help="erase digit 7 from the shipped toy model and show before/after")
+    p = sub.add_parser("demo", help="erase the brick background from the shipped toy model and show before/after")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the demo's tuned value)")
-    p.add_argument("--concept", default="7", help="concept to erase: a digit 0-9 or a background name")
+    p.add_argument("--concept", default=None, help="concept to erase: a background name or a digit 0-9 "
+                   "(default brick; see README for what the toy model allows)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(_run=cmd_demo)
@@ -204,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="tss", help="comma-separated methods (default: tss)")
     p.add_argument("--retrained", default=None, help="the model retrained without the concept (default: shipped one)")
     p.add_argument("--steps", type=int, default=200, help="erase steps per method")
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: erase's)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size for every method (default: erase's)")
     p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
     p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")

@@ -68,6 +68,11 @@ class NoiseSchedule:
             return pred
         return z_t - s * pred  # flow: z_t = z0 + s * (eps - z0)
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ``a_t^2 / s_t^2``, ``[B]`` float32 (large at small t)."""
+        a, s = self.coefficients(t)
+        return a.pow(2) / s.pow(2).clamp_min(1e-8)
+
     def sample_timesteps(
         self, batch: int, low: int = 0, high: int | None = None, generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",

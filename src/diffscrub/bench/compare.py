@@ -125,6 +125,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         log(f"no retrained model for {concept!r}: pass --retrained DIR (from `diffscrub toy train --exclude {concept}`)")
     table = format_table(rows, concept)
     write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
+                                         "erase_args": list(extra_args or []),
                                          "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})
     (out_path / "bench.txt").write_text(table + "\n")
     log(table)

@@ -38,9 +38,25 @@ def concept_mask(features: Features, prototypes: torch.Tensor, tau: float, alpha
 
 
 def blind(z0: torch.Tensor, mask: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
-    """Replace the masked part of the clean latent by noise: ``(1 - M) * z0 + M * eta``.
+    """Replace the masked part of the clean latent by ``eta``: ``(1 - M) * z0 + M * eta``.
 
-    The result is re-noised by the caller with the *same* t and eps as ``z_t``, so outside the
-    mask the blinded and original noisy latents agree exactly.
+    ``eta`` is noise (the seed's choice) or :func:`surround_fill`. The result is re-noised by the
+    caller with the *same* t and eps as ``z_t``, so outside the mask the blinded and original
+    noisy latents agree exactly.
     """
     return (1.0 - mask) * z0 + mask * eta
+
+
+def surround_fill(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-image, per-channel mean of the latent outside the mask, broadcast to ``z0``'s shape.
+
+    ``z0 [B, C, H, W]``, ``mask [B, 1, H, W]``. A flat patch of the surrounding colour is what a
+    region looks like with its object taken out, before the teacher adds texture: the teacher
+    inpaints from it at every noise level, where a noise fill reads as content at small t.
+    """
+    keep = (1.0 - mask).clamp_min(0)
+    weight = keep.sum(dim=(2, 3), keepdim=True)
+    mean = (z0 * keep).sum(dim=(2, 3), keepdim=True) / weight.clamp_min(1e-6)
+    # an image the mask covers entirely has no surround: fall back to its own mean
+    mean = torch.where(weight > 1e-3, mean, z0.mean(dim=(2, 3), keepdim=True))
+    return mean.expand_as(z0)

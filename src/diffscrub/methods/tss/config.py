@@ -8,6 +8,8 @@ from ...config import check_choice, check_range, option
 from ...errors import ConfigError
 
 MASK_MODES = ("cached", "online")
+FORGET_TARGETS = ("clean", "seed")
+BLIND_FILLS = ("surround", "noise")
 
 
 @dataclass
@@ -22,6 +24,17 @@ class TSSConfig:
     lambda_f: float = option(1.0, "weight of the forget loss (inside the mask, to the blinded teacher)")
     lambda_b: float = option(1.0, "weight of the background loss (outside the mask, to the original teacher)")
     lambda_r: float = option(0.5, "weight of the retain anchor (needs --retain)")
+    forget_target: str = option(
+        "clean",
+        "clean: inside the mask the student's clean-latent estimate at z_t is pulled to the teacher's clean estimate "
+        "of the blinded latent (min-SNR weighted); seed: the student's raw prediction at z_t is pulled to the "
+        "teacher's raw prediction at z_t_blind, which in eps terms still contains the object (see README)",
+    )
+    blind_fill: str = option("surround", "what replaces the concept in the clean latent: surround (the mean "
+                             "latent outside the mask, per channel) or noise (the seed's)")
+    snr_gamma: float = option(5.0, "upper clip of the clean-target forget loss's weight clamp(SNR(t), snr_floor, gamma)")
+    snr_floor: float = option(1.0, "lower clip of that weight: high t, where the content is decided, keeps at least "
+                              "this weight (0: the prediction-space scale, which fades there)")
     mask_mode: str = option(
         "cached",
         "cached: one mask per forget image, detected in the semantic band and averaged over draws, computed once; "
@@ -50,6 +63,10 @@ class TSSConfig:
         for name in ("lambda_f", "lambda_b", "lambda_r"):
             check_range(f"tss.{name}", getattr(self, name), 0)
         check_choice("tss.mask_mode", self.mask_mode, MASK_MODES)
+        check_choice("tss.forget_target", self.forget_target, FORGET_TARGETS)
+        check_choice("tss.blind_fill", self.blind_fill, BLIND_FILLS)
+        check_range("tss.snr_gamma", self.snr_gamma, 0, low_open=True)
+        check_range("tss.snr_floor", self.snr_floor, 0, self.snr_gamma)
         check_choice("tss.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))
         check_range("tss.mask_draws", self.mask_draws, 1)
         check_range("tss.contrast_ratio", self.contrast_ratio, 0)

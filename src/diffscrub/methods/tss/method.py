@@ -4,13 +4,22 @@ Phase 1 fits K prototypes to the frozen teacher's mid-depth features of the forg
 (semantic timestep band, spherical k-means). Phase 2 distils the student: with the soft mask
 ``M = sigmoid(alpha * (max_k cos(f, p_k) - tau))`` at latent resolution,
 
-    z0_blind = (1 - M) * z0 + M * eta,          z_t_blind = a_t * z0_blind + s_t * eps
-    L_f = || M * (S(z_t) - T(z_t_blind)) ||^2   (inside: the teacher's inpainting of the region)
+    z0_blind = (1 - M) * z0 + M * fill,         z_t_blind = a_t * z0_blind + s_t * eps
+    L_f = w(t) || M * (x0(S, z_t) - x0(T, z_t_blind)) ||^2   (inside: the teacher's inpainting)
     L_b = || (1 - M) * (S(z_t) - T(z_t)) ||^2   (outside: unchanged)
     L_r = || S(z_t^r) - T(z_t^r) ||^2           (retain anchor)
     L   = lambda_f L_f + lambda_b L_b + lambda_r L_r
 
-with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means).
+with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means),
+``x0(P, z)`` the clean latent a prediction P at z implies, and ``w(t) = min(SNR(t), gamma)``.
+
+Why not the seed's ``|| M * (S(z_t) - T(z_t_blind)) ||^2``: the two inputs differ inside the mask
+by ``a_t * M * (fill - z0)``, so a student that matches the teacher's *raw* prediction at the
+other input implies the clean latent ``x0(T, z_t_blind) + M * (z0 - fill)``: the object comes
+back additively, in full at small t where the teacher trusts its input. Matching clean
+estimates instead removes it (``forget_target="seed"`` keeps the seed's loss for comparison;
+README has the measured difference). The min-SNR weight puts the term on the prediction
+scale at high t and stops small t, where the clean error is amplified by a/s, from dominating.
 
 Cost per step, against the seed's three teacher passes and a VAE encode:
 
@@ -27,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.base import concat_kwargs
-from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample
+from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
 from ..base import METHODS, Method
 from .config import TSSConfig
 
@@ -35,6 +44,27 @@ from .config import TSSConfig
 def masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Mean of ``(weight * (a - b))^2`` over every element (the seed's ``mse(a*M, b*M)``)."""
     return ((a - b) * weight).pow(2).mean()
+
+
+def forget_loss(schedule, kind: str, student: torch.Tensor, z_t: torch.Tensor, teacher_blind: torch.Tensor,
+                z_t_blind: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, gamma: float = 5.0,
+                floor: float = 1.0) -> torch.Tensor:
+    """The forget term inside ``mask [B, 1, H, W]``.
+
+    ``student``: S(z_t); ``teacher_blind``: T(z_t_blind), both in the model's prediction space
+    ``[B, C, H, W]``. ``kind="clean"``: ``clamp(SNR(t), floor, gamma) * || M * (x0(S, z_t) - x0(T, z_t_blind)) ||^2``;
+    ``kind="seed"``: ``|| M * (S - T) ||^2`` (element means).
+    """
+    if kind == "seed":
+        return masked_mse(student, teacher_blind, mask)
+    c = z_t.shape[1]  # learned-variance models (DiT, PixArt) predict 2C channels: the mean is the first C
+    x0_student = schedule.predict_z0(z_t, student[:, :c], t)
+    x0_target = schedule.predict_z0(z_t_blind, teacher_blind[:, :c], t)
+    weight = schedule.snr(t).clamp(floor, gamma).reshape(-1, *([1] * (z_t.ndim - 1))).to(z_t.device, z_t.dtype)
+    loss = (((x0_student - x0_target) * mask).pow(2) * weight).mean()
+    if student.shape[1] > c:  # the variance channels follow the inpainting teacher as they are
+        loss = loss + masked_mse(student[:, c:], teacher_blind[:, c:], mask) * (student.shape[1] - c) / c
+    return loss
 
 
 @METHODS.register("tss")
@@ -164,12 +194,13 @@ class TeacherStudentScrubber(Method):
         cond_null = ctx.cond.take(ctx.null_index(b))
         if cfg.mask_mode == "cached":
             mask = self.masks[index].to(ctx.device)  # [B, 1, H, W]
-            z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
-            parts = [(z_t, t, cond), (z_t_blind, t, cond_null)]
+            parts = [(z_t, t, cond)]
         else:
             t_orig, mask = self.detect(z_t, t, cond)
-            z_t_blind = ctx.schedule.add_noise(blind(z0, mask, ctx.randn_like(z0)), eps, t)
-            parts = [(z_t_blind, t, cond_null)]
+            parts = []
+        fill = surround_fill(z0, mask) if cfg.blind_fill == "surround" else ctx.randn_like(z0)
+        z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
+        parts.append((z_t_blind, t, cond_null))
         if use_retain:
             parts.append((z_tr, t_r, cond_r))
         targets, _ = ctx.teacher_predict(
@@ -188,7 +219,8 @@ class TeacherStudentScrubber(Method):
         student = ctx.student_predict(torch.cat(s_in), torch.cat(s_t), concat_kwargs(s_c))
         s_forget = student[:b]
 
-        loss_f = masked_mse(s_forget, t_blind, mask)
+        loss_f = forget_loss(ctx.schedule, cfg.forget_target, s_forget, z_t, t_blind, z_t_blind, t, mask,
+                             cfg.snr_gamma, cfg.snr_floor)
         loss_b = masked_mse(s_forget, t_orig, 1.0 - mask)
         total = cfg.lambda_f * loss_f + cfg.lambda_b * loss_b
         terms = {"forget": loss_f.detach(), "background": loss_b.detach()}
