@@ -27,7 +27,7 @@ class TSSConfig:
     forget_target: str = option(
         "clean",
         "clean: inside the mask the student's clean-latent estimate at z_t is pulled to the teacher's clean estimate "
-        "of the blinded latent (min-SNR weighted); seed: the student's raw prediction at z_t is pulled to the "
+        "of the blinded latent (weighted by clamp(SNR, snr_floor, snr_gamma)); seed: the student's raw prediction at z_t is pulled to the "
         "teacher's raw prediction at z_t_blind, which in eps terms still contains the object (see README)",
     )
     blind_fill: str = option("surround", "what replaces the concept in the clean latent: surround (the mean "

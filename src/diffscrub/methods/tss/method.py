@@ -11,15 +11,15 @@ Phase 1 fits K prototypes to the frozen teacher's mid-depth features of the forg
     L   = lambda_f L_f + lambda_b L_b + lambda_r L_r
 
 with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means),
-``x0(P, z)`` the clean latent a prediction P at z implies, and ``w(t) = min(SNR(t), gamma)``.
+``x0(P, z)`` the clean latent a prediction P at z implies, and ``w(t) = clamp(SNR(t), floor, gamma)``.
 
 Why not the seed's ``|| M * (S(z_t) - T(z_t_blind)) ||^2``: the two inputs differ inside the mask
 by ``a_t * M * (fill - z0)``, so a student that matches the teacher's *raw* prediction at the
 other input implies the clean latent ``x0(T, z_t_blind) + M * (z0 - fill)``: the object comes
 back additively, in full at small t where the teacher trusts its input. Matching clean
 estimates instead removes it (``forget_target="seed"`` keeps the seed's loss for comparison;
-README has the measured difference). The min-SNR weight puts the term on the prediction
-scale at high t and stops small t, where the clean error is amplified by a/s, from dominating.
+README has the measured difference). The upper clip stops small t, where a clean error is
+amplified by a/s, from dominating; the floor keeps weight on high t, where the content is decided.
 
 Cost per step, against the seed's three teacher passes and a VAE encode:
 
