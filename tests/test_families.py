@@ -193,3 +193,44 @@ def test_unknown_family_error():
         adapter_for(Strange())
     with pytest.raises(ConfigError, match="unknown family 'unet9'"):
         adapter_for(build_tiny_pipeline("sd"), "unet9")
+
+
+@pytest.mark.parametrize("name,trainable", [("sd", "full"), ("sd3", "lora")])
+def test_bf16_mixed_precision(name, trainable, forget_dir, tmp_path):
+    """--mixed-precision bf16: teacher and frozen parts in bf16, trainable weights fp32 and moving,
+    losses finite, the output saved in bf16 and loadable; fp16 on the CPU is refused."""
+    from diffusers import DiffusionPipeline
+
+    from diffscrub.core.trainer import setup_run
+    from diffscrub.errors import ConfigError
+
+    pipe = build_tiny_pipeline(name)
+    cfg = EraseConfig(model=name, forget=str(forget_dir), out=str(tmp_path / "setup"), steps=1, batch_size=3,
+                      quiet=True, device="cpu", trainable=trainable, lora_rank=2 if trainable == "lora" else 0,
+                      mixed_precision="bf16", seed=0, conditioning="null")
+    run = setup_run(cfg, dict(TSS_FAST), pipe=pipe, log=lambda m: None)
+    teacher = run.ctx.teacher if run.ctx.teacher is not None else run.ctx.student
+    frozen = [p for p in teacher.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert run.params and all(p.dtype == torch.float32 for p in run.params)
+    assert all(p.dtype == torch.bfloat16 for m in run.adapter.frozen_modules() for p in m.parameters())
+
+    pipe, before, result = run_erase(name, forget_dir, tmp_path / "out", trainable=trainable, mixed_precision="bf16",
+                                     conditioning="null")
+    assert all(np.isfinite(row["total"]) for row in result.record["losses"])
+    assert result.record["mixed_precision"] == "bf16"
+    from safetensors.torch import load_file
+
+    denoiser_attr = adapter_for(pipe).denoiser_attr
+    stored = {}
+    for f in (tmp_path / "out" / denoiser_attr).glob("*.safetensors"):
+        stored.update(load_file(str(f)))
+    assert stored and {v.dtype for v in stored.values()} == {torch.bfloat16}
+    moved = [k for k, v in stored.items() if k in before and not torch.equal(v, before[k].to(torch.bfloat16))]
+    assert moved, "the bf16 run changed nothing"
+    DiffusionPipeline.from_pretrained(str(tmp_path / "out"))  # loads as a plain pipeline
+
+    with pytest.raises(ConfigError, match="fp16"):
+        setup_run(EraseConfig(model=name, forget=str(forget_dir), out=str(tmp_path / "fp16"), steps=1, quiet=True,
+                              device="cpu", mixed_precision="fp16"), dict(TSS_FAST), pipe=build_tiny_pipeline(name),
+                  log=lambda m: None)

@@ -181,7 +181,9 @@ class EraseConfig:
     weight_decay: float = option(0.0, "AdamW weight decay")
     seed: int = option(0, "seed for every random draw (timesteps, noise, k-means, batch order)")
     device: str = option("auto", "auto, cpu or cuda")
-    mixed_precision: str = option("no", "no, fp16 or bf16: teacher and forward passes in half precision, trainable weights in fp32")
+    mixed_precision: str = option("no", "no, fp16 or bf16: frozen parts and teacher stored in half precision, student forward "
+                                 "under autocast, trainable weights in fp32; the output is saved in that precision "
+                                 "(fp16: GPU only, VAE kept in fp32)")
     trainable: str | None = option(None, "which denoiser parameters train: full, attention, cross-attention (text-to-image "
                             "attention only) or lora (default: the method's own choice, full for tss)")
     lora_rank: int = option(0, "LoRA rank; > 0 selects --trainable lora")

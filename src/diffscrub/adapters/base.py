@@ -108,6 +108,9 @@ class DenoiserAdapter:
 
     def __init__(self, pipe):
         self.pipe = pipe
+        # Context for whole-pipeline sampling; under mixed precision the frozen parts are half and
+        # the student fp32, so the core sets this to its autocast.
+        self.autocast = contextlib.nullcontext
         if getattr(pipe, self.denoiser_attr, None) is None:
             raise InputError(
                 f"pipeline {type(pipe).__name__} has no '{self.denoiser_attr}' for the {self.family} adapter: "
@@ -199,8 +202,9 @@ class DenoiserAdapter:
         pipe.set_progress_bar_config(disable=True)
         try:
             gen = torch.Generator("cpu").manual_seed(seed)
-            out = pipe(**self.pipeline_inputs(prompts, image_hw), num_inference_steps=steps, generator=gen,
-                       output_type="pt").images
+            with self.autocast():
+                out = pipe(**self.pipeline_inputs(prompts, image_hw), num_inference_steps=steps, generator=gen,
+                           output_type="pt").images
         finally:
             pipe._progress_bar_config = was if was is not None else {}
         return out.float().cpu() * 2 - 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import shutil
 import platform
 import resource
@@ -101,6 +102,16 @@ def check_checkpoints(config: EraseConfig) -> None:
             f"found checkpoints of an interrupted run in '{root}': pass --resume to continue it, "
             "or delete that folder to start afresh"
         )
+
+
+def half_dtype(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """``--mixed-precision`` as a dtype (``None`` for ``no``); fp16 needs a GPU."""
+    if mixed_precision == "no":
+        return None
+    if mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("mixed_precision='fp16' has no fast CPU kernels and may overflow there: "
+                          "use --mixed-precision bf16 or no on the CPU")
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
 
 
 def pick_device(name: str) -> torch.device:
@@ -230,9 +241,14 @@ def setup_run(
         pipe = load_pipeline(config.model, family=config.family, allow_pickle=config.allow_pickle,
                              trust_remote_code=config.trust_remote_code)
     adapter = adapter_for(pipe, config.family)
+    half = half_dtype(config.mixed_precision, device)
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
         module.eval()
+        # Frozen parts run without gradients: half precision halves their memory. The VAE stays
+        # in fp32 under fp16 (SD/SDXL VAEs overflow in fp16); bf16 has fp32's range.
+        if half is not None and (module is not adapter.vae or half is torch.bfloat16):
+            module.to(half)
     pipe.to(device)
     timing["load_s"] = time.perf_counter() - t0
 
@@ -256,13 +272,22 @@ def setup_run(
     teacher = None
     if config.trainable != "lora":
         teacher = copy.deepcopy(student).requires_grad_(False).eval()
+        if half is not None:
+            teacher.to(half)  # the teacher only ever runs forward: half weights, half activations
+    elif half is not None:
+        student.to(half)  # LoRA: the frozen base (which is also the teacher) in half precision
     select_trainable(adapter, student, config.trainable, rank=config.lora_rank, alpha=config.lora_alpha)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
+    for p in params:  # trainable weights (and so their gradients and Adam moments) stay fp32
+        p.data = p.data.float()
 
     ctx = ErasureContext(adapter=adapter, schedule=adapter.schedule(), student=student, teacher=teacher,
                          forget=forget, retain=retain, cond=cond, generator=generator, device=device,
                          image_hw=image_hw, concept_prompt=config.concept_prompt, anchor_prompt=config.anchor_prompt)
+    if half is not None:
+        ctx.dtype = half
+        ctx.autocast = adapter.autocast = functools.partial(torch.autocast, device.type, dtype=half)
     method = method_cls(method_config, ctx)
 
     return Run(config, method_config, pipe, adapter, ctx, method, params, forget_images, retain_images, timing, t0)
@@ -459,6 +484,7 @@ def erase(
         "image_size": list(forget_images.images.shape[-2:]),
         "latent_shape": list(forget.mean.shape[1:]),
         "trainable": config.trainable,
+        "mixed_precision": config.mixed_precision,
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "trainable_tensors": sum(1 for p in params if p.requires_grad),
         "prepare": prepare_figures,
@@ -475,6 +501,8 @@ def erase(
             if config.trainable == "lora":
                 save_lora(pipe, adapter, student, tmp)
                 merge_lora(student)
+            if ctx.dtype != torch.float32:
+                student.to(ctx.dtype)  # under --mixed-precision the pipeline is saved in that precision
             pipe.save_pretrained(tmp, safe_serialization=True)
             artifacts = method.artifacts()
             if artifacts:

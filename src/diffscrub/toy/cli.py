@@ -44,6 +44,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         time_limit_s=args.time_limit,
         init_dir=args.init,
+        device=args.device,
+        workers=args.workers,
         log=None if args.quiet else (lambda m: print(m, flush=True)),
     )
     for name, path in written.items():
@@ -70,6 +72,7 @@ def _cmd_quality(args: argparse.Namespace) -> int:
         per_prompt=args.per_prompt,
         n_null=args.n_null,
         seed=args.seed,
+        device=args.device,
     )
     print(json.dumps(res) if args.json else format_quality(res))
     return 0
@@ -105,6 +108,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--time-limit", type=float, default=None, help="stop each denoiser after this many seconds")
     p.add_argument("--init", default=None, help="continue training from this saved pipeline folder")
+    p.add_argument("--device", default="cpu", help="where the denoiser trains: cpu (default) or cuda")
+    p.add_argument("--workers", type=int, default=1, help="processes that build the training canvases")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -122,6 +127,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--per-prompt", type=int, default=8, help="samples per single-digit prompt (40 prompts)")
     p.add_argument("--n-null", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to sample: cpu (default) or cuda")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_quality)
     return toy

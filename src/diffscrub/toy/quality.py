@@ -70,13 +70,14 @@ def measure_quality(
     batch_size: int = 80,
     oracle: Oracle | None = None,
     pipe=None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Sample ``model`` and score it with the oracle. Returns the figures and pass flags."""
     if per_prompt < 1 or n_null < 1 or steps < 1:
         raise ConfigError(f"per_prompt={per_prompt}, n_null={n_null}, steps={steps} must all be at least 1")
     folder = model_folder(model)
     guidance = default_guidance(folder) if guidance is None else float(guidance)
-    pipe = pipe or load_toy_pipeline(folder)
+    pipe = pipe or load_toy_pipeline(folder, device=device)
     oracle = oracle or Oracle.load()
     t0 = time.time()
 

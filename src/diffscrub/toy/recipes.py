@@ -41,6 +41,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    flow_uniform_share: float = 0.1  # flow models: share of times drawn uniformly, the rest logit-normal
     n_canvases: int = 60000
     digit_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
     extra: dict = field(default_factory=dict)
@@ -178,6 +179,7 @@ MMDIT_CLIP_PROJ = 32
 MMDIT_T5_DIM = 128
 MMDIT_HEADS = 3
 MMDIT_HEAD_DIM = 32
+MMDIT_LAYERS = 4
 
 
 def build_mmdit_clip(tokenizer):
@@ -224,7 +226,7 @@ def transformer_config() -> dict:
         patch_size=2,
         in_channels=4,
         out_channels=4,
-        num_layers=4,
+        num_layers=MMDIT_LAYERS,
         attention_head_dim=MMDIT_HEAD_DIM,
         num_attention_heads=MMDIT_HEADS,
         joint_attention_dim=MMDIT_T5_DIM,

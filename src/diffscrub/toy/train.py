@@ -64,10 +64,22 @@ class EMA:
         # short runs: warm the average up so it is not dominated by the random init
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for shadow, live in zip(self.shadow, self.modules):
-            for ps, pl in zip(shadow.parameters(), live.parameters()):
-                ps.lerp_(pl.detach(), 1 - d)
+            # one fused call per module: on a GPU a per-tensor loop is launch-bound
+            torch._foreach_lerp_(list(shadow.parameters()), [p.detach() for p in live.parameters()], 1 - d)
             for bs, bl in zip(shadow.buffers(), live.buffers()):
                 bs.copy_(bl)
+
+
+CANVAS_CHUNK = 2048
+"""Training canvases are drawn in chunks of this many, chunk ``i`` from the seed
+``(seed, i)``: the set is the same whatever the number of worker processes."""
+
+
+def _canvas_chunk(args) -> tuple[np.ndarray, list[str]]:
+    n, seed, index, exclude, digit_weights = args
+    rng = np.random.default_rng([seed, index])
+    imgs, labels = sample_canvases(n, rng, split="train", exclude=exclude, digit_weights=digit_weights)
+    return imgs, [caption(lab) for lab in labels]
 
 
 def make_training_set(
@@ -75,11 +87,19 @@ def make_training_set(
     seed: int,
     exclude: str | None = None,
     digit_weights: tuple[float, ...] = (0.4, 0.3, 0.3),
+    workers: int = 1,
+    chunk: int = CANVAS_CHUNK,
 ) -> tuple[np.ndarray, list[str]]:
-    """``n`` train-split canvases (uint8 NHWC) and their captions."""
-    rng = np.random.default_rng(seed)
-    imgs, labels = sample_canvases(n, rng, split="train", exclude=exclude, digit_weights=digit_weights)
-    return imgs, [caption(lab) for lab in labels]
+    """``n`` train-split canvases (uint8 NHWC) and their captions, built by ``workers`` processes."""
+    jobs = [(min(chunk, n - i), seed, i // chunk, exclude, digit_weights) for i in range(0, n, chunk)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            parts = pool.map(_canvas_chunk, jobs)
+    else:
+        parts = [_canvas_chunk(j) for j in jobs]
+    return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
 def _to_model_range(imgs: np.ndarray) -> torch.Tensor:
@@ -141,8 +161,8 @@ def encode_latents(vae, imgs: np.ndarray, raw: bool = False, shift: bool = False
     ``shift`` subtracts the VAE's shift_factor first (SD3 convention)."""
     out = []
     for i in range(0, len(imgs), batch_size):
-        x = _to_model_range(imgs[i : i + batch_size])
-        out.append(vae.encode(x).latent_dist.mean)
+        x = _to_model_range(imgs[i : i + batch_size]).to(vae.device)
+        out.append(vae.encode(x).latent_dist.mean.cpu())
     z = torch.cat(out)
     if raw:
         return z
@@ -273,12 +293,12 @@ def _unpatch_short_t5(t5, transformer) -> None:
 # ----------------------------------------------------------------------------- denoisers
 
 
-def _optimizer(denoiser, text_modules, cfg: R.TrainConfig):
+def _optimizer(denoiser, text_modules, cfg: R.TrainConfig, device: torch.device):
     groups = [{"params": list(denoiser.parameters()), "lr": cfg.lr}]
     text_params = [p for m in text_modules for p in m.parameters()]
     if text_params:
         groups.append({"params": text_params, "lr": cfg.text_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.99), fused=device.type == "cuda")
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
     return opt, _Schedule(opt, min(cfg.warmup, max(1, cfg.steps // 5)), cfg.steps)
@@ -311,6 +331,71 @@ class _Schedule:
             g["lr"] = g["base_lr"] * f
 
 
+def _fit(
+    name: str,
+    loss_fn: Callable[[], torch.Tensor],
+    ema: EMA,
+    denoiser: torch.nn.Module,
+    text_modules: list[torch.nn.Module],
+    cfg: R.TrainConfig,
+    device: torch.device,
+    log: Log,
+    time_limit_s: float | None,
+    checkpoint: Callable[[list], None] | None,
+    checkpoint_every_s: float,
+) -> list[torch.nn.Module]:
+    """The loop both denoisers share: AdamW with warm-up and cosine decay, gradient clipping,
+    EMA, logging, periodic checkpoints of the EMA and the time limit. ``loss_fn()`` draws its
+    own batch. Returns the EMA modules, on the CPU."""
+    for m in ema.modules:
+        m.train()
+    opt, sched = _optimizer(denoiser, text_modules, cfg, device)
+    sched.time_limit_s = time_limit_s
+    params = [p for g in opt.param_groups for p in g["params"]]
+    t0 = last_ckpt = time.time()
+    run_loss = None
+    for step in range(cfg.steps):
+        loss = loss_fn()
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{name} loss became {loss.item()} at step {step}: lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema.update()
+        if step % 100 == 0 or step == cfg.steps - 1:  # .item() syncs a GPU: only when logging
+            value = loss.item()
+            run_loss = value if run_loss is None else 0.8 * run_loss + 0.2 * value
+            _log(log, f"{name} step {step}/{cfg.steps} loss {run_loss:.4f} ({time.time() - t0:.0f}s)")
+        if checkpoint is not None and time.time() - last_ckpt > checkpoint_every_s:
+            checkpoint(ema.shadow)
+            last_ckpt = time.time()
+            _log(log, f"{name}: checkpoint at step {step}")
+        if time_limit_s is not None and time.time() - t0 > time_limit_s:
+            _log(log, f"{name}: time limit {time_limit_s:.0f}s reached at step {step}")
+            break
+    LAST_RUN.update(steps_done=ema.updates, train_s=round(time.time() - t0, 1))
+    return [m.to("cpu") for m in ema.shadow]
+
+
+class _Batches:
+    """Seeded draws on the CPU (the same numbers on every device), moved to ``device``."""
+
+    def __init__(self, seed: int, n: int, batch_size: int, device: torch.device):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.n, self.batch_size, self.device = n, batch_size, device
+
+    def index(self) -> torch.Tensor:
+        return torch.randint(0, self.n, (self.batch_size,), generator=self.gen)
+
+    def randn(self, shape) -> torch.Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
+
+    def rand(self, n: int) -> torch.Tensor:
+        return torch.rand(n, generator=self.gen)
+
+
 def train_unet(
     latents: torch.Tensor,
     captions: list[str],
@@ -321,10 +406,14 @@ def train_unet(
     checkpoint: Callable[[list], None] | None = None,
     checkpoint_every_s: float = 900.0,
     init: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ):
     """Train text encoder + UNet on cached (scaled) latents. Returns EMA (tokenizer, text_encoder, unet)."""
+    from diffscrub.schedules import DDPMSchedule
+
+    device = torch.device(device)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
+    draw = _Batches(seed + 1, len(latents), cfg.batch_size, device)
     tok = R.build_clip_tokenizer()
     te = R.build_unet_text_encoder(tok)
     unet = R.build_unet()
@@ -334,54 +423,27 @@ def train_unet(
 
         te = CLIPTextModel.from_pretrained(str(Path(init) / "text_encoder"), dtype=torch.float32)
         unet = UNet2DConditionModel.from_pretrained(str(Path(init) / "unet"), torch_dtype=torch.float32)
+    te, unet = te.to(device), unet.to(device)
     sched_train = R.build_unet_train_scheduler()
+    schedule = DDPMSchedule(sched_train.alphas_cumprod.float().to(device))
     ids_all = tokenize(tok, captions, R.TOKEN_LENGTH)
     empty = tokenize(tok, [""], R.TOKEN_LENGTH)[0]
-    acp = sched_train.alphas_cumprod.float()
-    snr = acp / (1 - acp)
+    snr = schedule.snr(torch.arange(sched_train.config.num_train_timesteps, device=device))
     weight_t = torch.clamp(snr, max=5.0) / snr  # min-SNR-5 weighting for epsilon prediction
+    latents = latents.to(device)
 
-    te.train()
-    unet.train()
-    opt, sched = _optimizer(unet, [te], cfg)
-    sched.time_limit_s = time_limit_s
+    def loss_fn() -> torch.Tensor:
+        idx = draw.index()
+        x0 = latents[idx.to(device)]
+        ids = _dropout_ids(ids_all[idx], empty, cfg.caption_dropout, draw.gen).to(device)
+        noise = draw.randn(x0.shape)
+        t = torch.randint(0, sched_train.config.num_train_timesteps, (x0.shape[0],), generator=draw.gen).to(device)
+        pred = unet(schedule.add_noise(x0, noise, t), t, encoder_hidden_states=unet_text_embeds(te, ids)).sample
+        return (((pred - noise) ** 2).mean(dim=(1, 2, 3)) * weight_t[t]).mean()
+
     ema = EMA([te, unet], cfg.ema_decay)
-    t0 = time.time()
-    last_ckpt = t0
-    run_loss = None
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-        x0 = latents[idx]
-        ids = _dropout_ids(ids_all[idx], empty, cfg.caption_dropout, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, sched_train.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-        a = acp[t].sqrt()[:, None, None, None]
-        s = (1 - acp[t]).sqrt()[:, None, None, None]
-        xt = a * x0 + s * noise
-        cond = unet_text_embeds(te, ids)
-        pred = unet(xt, t, encoder_hidden_states=cond).sample
-        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (loss * weight_t[t]).mean()
-        if not torch.isfinite(loss):
-            raise TrainingError(f"toy-unet loss became {loss.item()} at step {step}: lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
-        if step % 100 == 0 or step == cfg.steps - 1:
-            _log(log, f"toy-unet step {step}/{cfg.steps} loss {run_loss:.4f} ({time.time() - t0:.0f}s)")
-        if checkpoint is not None and time.time() - last_ckpt > checkpoint_every_s:
-            checkpoint(ema.shadow)
-            last_ckpt = time.time()
-            _log(log, f"toy-unet: checkpoint at step {step}")
-        if time_limit_s is not None and time.time() - t0 > time_limit_s:
-            _log(log, f"toy-unet: time limit {time_limit_s:.0f}s reached at step {step}")
-            break
-    LAST_RUN.update(steps_done=ema.updates, train_s=round(time.time() - t0, 1))
-    te_ema, unet_ema = ema.shadow
+    te_ema, unet_ema = _fit("toy-unet", loss_fn, ema, unet, [te], cfg, device, log, time_limit_s,
+                            checkpoint, checkpoint_every_s)
     return tok, te_ema, unet_ema
 
 
@@ -395,11 +457,13 @@ def train_mmdit(
     checkpoint: Callable[[list], None] | None = None,
     checkpoint_every_s: float = 900.0,
     init: str | Path | None = None,
+    device: str | torch.device = "cpu",
 ):
     """Train the three text encoders + SD3 transformer with rectified flow on cached
     (shifted, scaled) latents. Returns EMA (tok, clip1, tok2, clip2, t5tok, t5, transformer)."""
+    device = torch.device(device)
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed + 2)
+    draw = _Batches(seed + 2, len(latents), cfg.batch_size, device)
     tok = R.build_clip_tokenizer()
     tok2 = R.build_clip_tokenizer()
     t5tok = R.build_t5_tokenizer()
@@ -415,6 +479,7 @@ def train_mmdit(
         clip2 = CLIPTextModelWithProjection.from_pretrained(str(Path(init) / "text_encoder_2"), dtype=torch.float32)
         t5 = T5EncoderModel.from_pretrained(str(Path(init) / "text_encoder_3"), dtype=torch.float32)
         tr = SD3Transformer2DModel.from_pretrained(str(Path(init) / "transformer"), torch_dtype=torch.float32)
+    clip1, clip2, t5, tr = (m.to(device) for m in (clip1, clip2, t5, tr))
     ids1_all = tokenize(tok, captions, R.TOKEN_LENGTH)
     ids3_all, logw_all = compress_t5_ids(tokenize(t5tok, captions, R.T5_SEQUENCE_LENGTH), t5tok.pad_token_id)
     empty1 = tokenize(tok, [""], R.TOKEN_LENGTH)[0]
@@ -425,61 +490,41 @@ def train_mmdit(
         attn = block.layer[0].SelfAttention
         if attn.has_relative_attention_bias:
             attn.relative_attention_bias.weight.requires_grad_(False)
-
-    mods = [clip1, clip2, t5, tr]
-    for m in mods:
-        m.train()
-    opt, sched = _optimizer(tr, [clip1, clip2, t5], cfg)
-    sched.time_limit_s = time_limit_s
-    ema = EMA(mods, cfg.ema_decay)
+    latents = latents.to(device)
     holder = _KeyBias()
-    _patch_for_short_t5(t5, tr, holder)
-    t0 = time.time()
-    last_ckpt = t0
-    run_loss = None
-    for step in range(cfg.steps):
-        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=gen)
-        x0 = latents[idx]
-        drop = torch.rand(len(idx), generator=gen) < cfg.caption_dropout
+
+    def loss_fn() -> torch.Tensor:
+        idx = draw.index()
+        x0 = latents[idx.to(device)]
+        drop = draw.rand(len(idx)) < cfg.caption_dropout
         ids1 = ids1_all[idx].clone()
         ids3 = ids3_all[idx].clone()
         logw = logw_all[idx].clone()
         ids1[drop] = empty1
         ids3[drop] = empty3[0]
         logw[drop] = empty_logw[0]
+        ids1, ids3, logw = ids1.to(device), ids3.to(device), logw.to(device)
         holder.t5 = logw[:, None, None, :]
         holder.joint = F.pad(logw, (n_img + n_clip, 0))[:, None, None, :]
-        noise = torch.randn(x0.shape, generator=gen)
-        # logit-normal times (SD3), mixed with 10 % uniform so the ends are covered too
-        u = torch.sigmoid(torch.randn(len(idx), generator=gen))
-        uni = torch.rand(len(idx), generator=gen)
-        sigma = torch.where(torch.rand(len(idx), generator=gen) < 0.1, uni, u)
+        noise = draw.randn(x0.shape)
+        # logit-normal times (SD3), mixed with a uniform share so the ends are covered too
+        u = torch.sigmoid(torch.randn(len(idx), generator=draw.gen))
+        uni = draw.rand(len(idx))
+        sigma = torch.where(draw.rand(len(idx)) < cfg.flow_uniform_share, uni, u).to(device)
         s = sigma[:, None, None, None]
         xt = (1 - s) * x0 + s * noise
         prompt_embeds, pooled = sd3_text_embeds(clip1, clip2, t5, ids1, ids1, ids3)
-        pred = tr(hidden_states=xt, encoder_hidden_states=prompt_embeds, pooled_projections=pooled, timestep=sigma * 1000).sample
-        loss = F.mse_loss(pred, noise - x0)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"toy-mmdit loss became {loss.item()} at step {step}: lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        sched.step()
-        ema.update()
-        run_loss = loss.item() if run_loss is None else 0.98 * run_loss + 0.02 * loss.item()
-        if step % 100 == 0 or step == cfg.steps - 1:
-            _log(log, f"toy-mmdit step {step}/{cfg.steps} loss {run_loss:.4f} ({time.time() - t0:.0f}s)")
-        if checkpoint is not None and time.time() - last_ckpt > checkpoint_every_s:
-            checkpoint(ema.shadow)
-            last_ckpt = time.time()
-            _log(log, f"toy-mmdit: checkpoint at step {step}")
-        if time_limit_s is not None and time.time() - t0 > time_limit_s:
-            _log(log, f"toy-mmdit: time limit {time_limit_s:.0f}s reached at step {step}")
-            break
-    _unpatch_short_t5(t5, tr)
-    LAST_RUN.update(steps_done=ema.updates, train_s=round(time.time() - t0, 1))
-    c1, c2, t5e, tre = ema.shadow
+        pred = tr(hidden_states=xt, encoder_hidden_states=prompt_embeds, pooled_projections=pooled,
+                  timestep=sigma * 1000).sample
+        return F.mse_loss(pred, noise - x0)
+
+    ema = EMA([clip1, clip2, t5, tr], cfg.ema_decay)  # copied before the patch: the EMA stays plain
+    _patch_for_short_t5(t5, tr, holder)
+    try:
+        c1, c2, t5e, tre = _fit("toy-mmdit", loss_fn, ema, tr, [clip1, clip2, t5], cfg, device, log,
+                                time_limit_s, checkpoint, checkpoint_every_s)
+    finally:
+        _unpatch_short_t5(t5, tr)
     return tok, c1, tok2, c2, t5tok, t5e, tre
 
 
@@ -561,6 +606,8 @@ def train_toy(
     num_threads: int | None = 2,
     checkpoints: bool = False,
     init_dir: str | Path | None = None,
+    device: str = "cpu",
+    workers: int = 1,
     log: Log = print,
 ) -> dict[str, Path]:
     """Train toy model(s) from scratch into ``out_dir/<name>/``; returns the folders written.
@@ -570,7 +617,8 @@ def train_toy(
     VAE folder instead of training one. ``exclude`` removes a concept from every training
     canvas. ``model="oracle"`` retrains the oracle into ``out_dir/oracle.safetensors``.
     ``init_dir`` continues training from a saved pipeline folder of the same model (with
-    ``model`` naming one model).
+    ``model`` naming one model). ``device`` runs the denoiser training there (the random
+    draws stay on the CPU generator); ``workers`` processes build the training canvases.
     """
     if init_dir is not None and model not in ("toy-unet", "toy-mmdit"):
         raise ConfigError(f"--init needs --model toy-unet or toy-mmdit, not {model!r}")
@@ -582,6 +630,14 @@ def train_toy(
         raise ConfigError(f"--steps {steps} must be at least 1")
     if num_threads:
         torch.set_num_threads(int(num_threads))
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(f"--device {device!r} is not usable here ({str(err).splitlines()[0]}): use cpu") from None
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -613,11 +669,11 @@ def train_toy(
     n = min(n, cfg.n_canvases) if n_canvases is None else n
 
     t0 = time.time()
-    imgs, caps = make_training_set(n, seed, exclude=exclude, digit_weights=cfg.digit_weights)
+    imgs, caps = make_training_set(n, seed, exclude=exclude, digit_weights=cfg.digit_weights, workers=workers)
     _log(log, f"{n} training canvases{' without ' + exclude if exclude else ''} in {time.time() - t0:.1f}s")
 
     if vae_dir is not None:
-        vae = load_vae(vae_dir)
+        vae = load_vae(vae_dir).to(dev)
     else:
         vcfg = R.VAEConfig()
         if vae_steps is not None:
@@ -627,7 +683,7 @@ def train_toy(
         if small:
             vcfg.batch_size = min(vcfg.batch_size, 8)
         t0 = time.time()
-        vae = train_vae(imgs[: vcfg.n_canvases], vcfg, seed=seed, log=log)
+        vae = train_vae(imgs[: vcfg.n_canvases], vcfg, seed=seed, log=log).to(dev)
         _log(log, f"vae trained in {time.time() - t0:.0f}s")
         vae.save_pretrained(str(out / "vae"), safe_serialization=True)
         written["vae"] = out / "vae"
@@ -641,7 +697,8 @@ def train_toy(
             tok = R.build_clip_tokenizer()
             ck = (lambda sh, _o=out / f"{name}-checkpoint": save_unet_pipeline(_o, vae, tok, *sh)) if checkpoints else None
             tok, te, unet = train_unet(
-                lat, caps, cfg, seed=seed, log=log, time_limit_s=time_limit_s, checkpoint=ck, init=init_dir
+                lat, caps, cfg, seed=seed, log=log, time_limit_s=time_limit_s, checkpoint=ck, init=init_dir,
+                device=dev,
             )
             save_unet_pipeline(out / name, vae, tok, te, unet)
         else:
@@ -654,7 +711,7 @@ def train_toy(
 
             parts = train_mmdit(
                 lat, caps, cfg, seed=seed, log=log, time_limit_s=time_limit_s,
-                checkpoint=ck if checkpoints else None, init=init_dir,
+                checkpoint=ck if checkpoints else None, init=init_dir, device=dev,
             )
             save_mmdit_pipeline(out / name, vae, *parts)
         meta = {
@@ -667,6 +724,8 @@ def train_toy(
             "batch_size": cfg.batch_size,
             "n_canvases": n,
             "seed": seed,
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "time_limit_s": time_limit_s,
             "wall_s": round(time.time() - t0, 1),
         }
         (out / name / "diffscrub_toy.json").write_text(json.dumps(meta, indent=2))
