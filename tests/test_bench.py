@@ -46,10 +46,29 @@ def test_seed_step_is_faithful(tiny_pipeline_dirs, monkeypatch):
     def log(line):
         results["line"] = line
 
-    monkeypatch.setattr(speed, "_time_steps", lambda fn, params, opt, steps, b, dev: [
+    monkeypatch.setattr(speed, "_time_steps", lambda fn, params, opt, steps, b, dev, peaks=None: [
         (calls.update(teacher=0), fn(b), calls["teacher"])[2] for _ in range(steps)])
     r = speed.bench_speed(str(tiny_pipeline_dirs("sd")), steps=3, rounds=1, warmup=1, retain=True, device="cpu",
                           log=log)
     # _time_steps was replaced to return teacher-call counts instead of times: medians are call counts.
     assert r["ours_s_per_step"] == 1 and r["seed_s_per_step"] == 4
     assert "speed-up" in results["line"]
+
+
+def test_bench_passes_erase_options_to_every_method(monkeypatch, tmp_path, capsys):
+    """`bench --lr/--batch-size/--erase-args` reach run_bench as erase options, in order."""
+    from diffscrub import cli
+    from diffscrub.bench import compare
+
+    seen = {}
+
+    def fake_run_bench(concept, out, **kwargs):
+        seen.update(kwargs, concept=concept)
+        (tmp_path / "bench.txt").write_text("table\n")
+
+    monkeypatch.setattr(compare, "run_bench", fake_run_bench)
+    code = cli.main(["bench", "--concept", "7", "--methods", "tss,esd", "--lr", "1e-4",
+                     "--erase-args", "--fingerprint knn --knn-area 0.15", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    assert seen["extra_args"] == ["--lr=0.0001", "--fingerprint", "knn", "--knn-area", "0.15"]
+    assert seen["methods"] == ["tss", "esd"] and seen["concept"] == "7"

@@ -225,6 +225,48 @@ def test_contrastive_selection_drops_shared_prototypes():
     assert sel.keep.tolist() == [True, False] and sel.retain_rate[0] > 0
 
 
+def test_knn_scores_find_what_only_forget_images_share():
+    """Four forget images each hold the concept and a background, a unique detail, and retain images
+    the background: the concept's locations score highest, the background's and the one-image detail's
+    low (a location's own image never counts as its neighbour)."""
+    from diffscrub.concept.knn import knn_scores, scores_to_mask
+
+    g = torch.Generator().manual_seed(0)
+    concept, background = torch.eye(16)[:2]
+    jitter = lambda *shape: 0.05 * torch.randn(*shape, 16, generator=g)  # noqa: E731
+    # per forget image: 2 concept locations, 5 background, 1 unique direction
+    images, ids = [], []
+    for i in range(4):
+        images.append(torch.cat([concept + jitter(2), background + jitter(5), torch.eye(16)[4 + i] + jitter(1)]))
+        ids.append(torch.full((8,), i))
+    forget, forget_ids = torch.cat(images), torch.cat(ids)
+    retain = background + jitter(40)
+    scores = knn_scores(forget, forget_ids, forget, forget_ids, retain, k=3, chunk=5).reshape(4, 8)
+    assert scores[:, :2].min() > scores[:, 2:].max()
+    assert scores[:, 7].max() < 0.5  # the unique detail has no neighbour in the other forget images
+    mask = scores_to_mask(scores, area=0.25)
+    assert mask[:, :2].min() > 0.95 and mask[:, 2:].max() < 0.15 and mask[:, 2:].mean() < 0.05
+
+
+def test_tss_knn_fingerprint_masks(tmp_path):
+    """fingerprint=knn: cached masks of latent shape in [0, 1] covering about knn_area, the prototypes
+    still fitted (the report and the evaluation's detector use them)."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", conditioning="null")
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 64, "fit_draws": 1, "mask_draws": 2,
+                          "fingerprint": "knn", "knn_area": 0.2}, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    figures = run.method.prepare(batch_size=2)
+    masks = run.method.masks
+    assert masks.shape == (len(run.ctx.forget), 1, *run.ctx.latent_hw)
+    assert 0 <= float(masks.min()) and float(masks.max()) <= 1
+    assert 0.1 < figures["mask_mean_area"] < 0.35
+    assert run.method.prototypes is not None and "forget_masks" in run.method.artifacts()
+
+
 # ----------------------------------------------------------------------------- per-step cost
 @pytest.mark.parametrize("mask_mode,teacher_calls", [("cached", 1), ("online", 2)])
 def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
@@ -361,6 +403,9 @@ def test_config_rejects(values, match):
     ({"mask_mode": "sometimes"}, "tss.mask_mode"),
     ({"forget_target": "raw"}, "tss.forget_target"),
     ({"snr_floor": 9.0}, "tss.snr_floor=9.0"),
+    ({"fingerprint": "knn", "mask_mode": "online"}, "mask_mode 'cached'"),
+    ({"knn_area": 1.0}, "tss.knn_area=1.0"),
+    ({"fingerprint": "nearest"}, "tss.fingerprint"),
     ({"kk": 1}, "unknown key 'kk' in tss"),
 ])
 def test_tss_config_rejects(values, match):

@@ -412,3 +412,21 @@ def test_evaluate_bad_readers(tiny_world, tmp_path):
         CallableReader(lambda x: torch.tensor([True]))(torch.rand(3, 3, 8, 8))
     flags, score = CallableReader(lambda x: x.mean(dim=(1, 2, 3)), batch_size=2)(torch.full((3, 3, 8, 8), 0.75))
     assert flags.tolist() == [True] * 3 and score.tolist() == [0.75] * 3
+
+
+def test_only_runs_with_prototypes_feed_the_detector(tmp_path):
+    """An erase folder of a method without prototypes (esd, attention, ...) is evaluated without the
+    prototype detector instead of failing; a TSS folder's prototypes are found."""
+    import torch
+    from safetensors.torch import save_file
+
+    from diffscrub.evaluation.readers import ARTIFACTS_FILE, has_prototypes
+
+    (tmp_path / "none").mkdir()
+    (tmp_path / "attention").mkdir()
+    (tmp_path / "tss").mkdir()
+    save_file({"attention_pattern": torch.zeros(3)}, str(tmp_path / "attention" / ARTIFACTS_FILE))
+    save_file({"prototypes": torch.zeros(2, 4)}, str(tmp_path / "tss" / ARTIFACTS_FILE))
+    assert not has_prototypes(tmp_path / "none")
+    assert not has_prototypes(tmp_path / "attention")
+    assert has_prototypes(tmp_path / "tss")

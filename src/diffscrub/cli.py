@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shlex
 import sys
 import typing
 
@@ -129,9 +130,16 @@ def cmd_bench_speed(ns) -> int:
     modes = ["with retain", "without retain"] if ns.retain == "both" else [f"{ns.retain} retain"]
     results = []
     for mode in modes:
-        results.append(bench_speed(ns.model, batch_size=ns.batch_size, steps=ns.steps, resolution=ns.resolution,
+        resolution = ns.resolution
+        if resolution is None:
+            from .bench.architectures import architecture
+
+            resolution = architecture(ns.arch).native_resolution if ns.arch else 32
+        results.append(bench_speed(ns.model, batch_size=ns.batch_size, steps=ns.steps, resolution=resolution,
                                    retain=mode.startswith("with "), trainable=ns.trainable,
-                                   lora_rank=ns.lora_rank, device=ns.device, family=ns.family))
+                                   lora_rank=ns.lora_rank, device=ns.device, family=ns.family, arch=ns.arch,
+                                   mixed_precision=ns.mixed_precision,
+                                   gradient_checkpointing=ns.gradient_checkpointing))
     if ns.json:
         write_json(results if len(results) > 1 else results[0], ns.json)
     return 0
@@ -144,6 +152,7 @@ def cmd_bench(ns) -> int:
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     extra = [f"--lr={ns.lr}"] if ns.lr is not None else []
     extra += [f"--batch-size={ns.batch_size}"] if ns.batch_size is not None else []
+    extra += shlex.split(ns.erase_args or "")
     run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
               n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra,
               log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
@@ -194,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", default=None, help="force a denoiser family")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=12, help="timed steps of each kind (after 2 warm-up steps)")
-    p.add_argument("--resolution", type=int, default=32, help="image size in pixels")
+    p.add_argument("--arch", default=None, choices=("sd15", "sdxl", "sd3-medium", "flux-dev"),
+                   help="instead of --model: a randomly initialised full-size architecture (published config)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels (default: the --arch's native size, else 32)")
+    p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--retain", choices=("with", "without", "both"), default="both")
     p.add_argument("--trainable", choices=("full", "attention", "lora"), default="full")
     p.add_argument("--lora-rank", type=int, default=0)
@@ -210,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=200, help="erase steps per method")
     p.add_argument("--lr", type=float, default=None, help="learning rate for every method (default: erase's)")
     p.add_argument("--batch-size", type=int, default=None, help="batch size for every method (default: erase's)")
+    p.add_argument("--erase-args", default=None, help='more `diffscrub erase` options for every method, quoted: '
+                   '"--fingerprint knn" (recorded in bench.json)')
     p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
     p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")

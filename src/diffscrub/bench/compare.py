@@ -71,6 +71,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
               log=print) -> dict:
     """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``."""
     from ..evaluation import EvalConfig, evaluate
+    from ..evaluation.readers import has_prototypes
     from ..methods import METHODS
     from ..toy.canvas import check_concept
     from ..toy.sets import make_sets
@@ -94,8 +95,8 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         metrics = evaluate(EvalConfig(model=str(folder), reference=model, forget=str(forget), retain=str(retain),
                                       toy_concept=concept, out=str(out_path / f"eval-{name}"), n=n, n_null=n_null,
                                       max_prompts=max_prompts, device="cpu", quiet=True,
-                                      artifacts=str(folder) if (pathlib.Path(folder) / "diffscrub.json").is_file()
-                                      else None))
+                                      # only TSS runs leave prototypes for the detector
+                                      artifacts=str(folder) if has_prototypes(folder) else None))
         evals[name] = metrics
         return metrics
 

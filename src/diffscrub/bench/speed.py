@@ -78,7 +78,10 @@ def _write_random_images(folder: pathlib.Path, n: int, size: int, seed: int) -> 
     return folder
 
 
-def _time_steps(loss_fn, params, optimizer, steps: int, batch_size: int, device) -> list[float]:
+def _time_steps(loss_fn, params, optimizer, steps: int, batch_size: int, device, peaks: list | None = None) -> list[float]:
+    """Seconds of each of ``steps`` optimizer steps; on a GPU, appends the block's peak memory (MiB) to ``peaks``."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(steps):
         if device.type == "cuda":
@@ -91,13 +94,27 @@ def _time_steps(loss_fn, params, optimizer, steps: int, batch_size: int, device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
+    if device.type == "cuda" and peaks is not None:
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
     return times
 
 
 def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int = 2, rounds: int = 3,
                 resolution: int = 32, retain: bool = True, trainable: str = "full", lora_rank: int = 0,
-                device: str = "auto", family: str | None = None, pipe=None, log=print) -> dict:
-    """Measure seconds per step of both steps, interleaved in ``rounds`` blocks, and their ratio."""
+                device: str = "auto", family: str | None = None, pipe=None, arch: str | None = None,
+                mixed_precision: str = "no", gradient_checkpointing: bool = False, log=print) -> dict:
+    """Measure seconds per step of both steps, interleaved in ``rounds`` blocks, and their ratio.
+
+    ``arch`` builds a randomly initialised full-size pipeline (see :mod:`.architectures`) on the
+    device instead of loading ``model``; it is built in bf16/fp16 when ``mixed_precision`` says so.
+    """
+    if arch is not None and pipe is None:
+        from ..core.trainer import half_dtype, pick_device
+        from .architectures import build_pipeline
+
+        dev = pick_device(device)
+        pipe = build_pipeline(arch, device=dev, dtype=half_dtype(mixed_precision, dev) or torch.float32)
+        model = arch
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         n = max(8, batch_size * 2)
@@ -105,7 +122,8 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
         retain_dir = _write_random_images(tmp / "retain", n, resolution, 1) if retain else None
         config = EraseConfig(model=model, forget=str(forget), retain=str(retain_dir) if retain_dir else None,
                              out=str(tmp / "out"), steps=1, batch_size=batch_size, device=device, quiet=True,
-                             trainable=trainable, lora_rank=lora_rank, family=family)
+                             trainable=trainable, lora_rank=lora_rank, family=family,
+                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
         run = setup_run(config, {"num_prototypes": 5, "vectors_per_image": 256, "fit_draws": 1, "mask_draws": 1},
                         pipe=pipe, log=lambda m: None)
         run.method.prepare(batch_size=batch_size)
@@ -115,19 +133,22 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
         ours_fn = lambda b: run.method.loss(0, b)  # noqa: E731
         for fn in (ours_fn, seed_step.loss):
             _time_steps(fn, run.params, optimizer, warmup, batch_size, device_t)
-        ours, seed = [], []
+        ours, seed, ours_peak, seed_peak = [], [], [], []
         per_round = max(1, steps // rounds)
         for _ in range(rounds):
-            ours += _time_steps(ours_fn, run.params, optimizer, per_round, batch_size, device_t)
-            seed += _time_steps(seed_step.loss, run.params, optimizer, per_round, batch_size, device_t)
+            ours += _time_steps(ours_fn, run.params, optimizer, per_round, batch_size, device_t, ours_peak)
+            seed += _time_steps(seed_step.loss, run.params, optimizer, per_round, batch_size, device_t, seed_peak)
         result = {
             "model": model, "family": run.adapter.family, "device": str(device_t),
             "device_name": torch.cuda.get_device_name(device_t) if device_t.type == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(), "batch_size": batch_size, "resolution": resolution,
-            "retain": retain, "trainable": trainable, "steps_each": len(ours),
+            "retain": retain, "trainable": trainable, "lora_rank": lora_rank, "mixed_precision": mixed_precision,
+            "gradient_checkpointing": gradient_checkpointing, "steps_each": len(ours),
             "ours_s_per_step": statistics.median(ours), "seed_s_per_step": statistics.median(seed),
             "memory": peak_memory_mb(device_t),
         }
+        if ours_peak:  # peak GPU memory while each kind of step ran (weights, optimizer state included)
+            result["ours_gpu_peak_mb"], result["seed_gpu_peak_mb"] = max(ours_peak), max(seed_peak)
         result["speedup"] = result["seed_s_per_step"] / result["ours_s_per_step"]
         log(format_result(result))
         return result
@@ -147,9 +168,12 @@ def _cpu_name() -> str:
 
 def format_result(r: dict) -> str:
     return (f"{r['family']} on {r['device']} ({r['device_name']}, {r['threads']} threads), batch {r['batch_size']}, "
-            f"{r['resolution']}px, retain={'yes' if r['retain'] else 'no'}, {r['trainable']}: "
+            f"{r['resolution']}px, retain={'yes' if r['retain'] else 'no'}, {r['trainable']}, "
+            f"precision {r.get('mixed_precision', 'no')}{', checkpointing' if r.get('gradient_checkpointing') else ''}: "
             f"seed step {r['seed_s_per_step'] * 1000:.1f} ms, diffscrub step {r['ours_s_per_step'] * 1000:.1f} ms, "
-            f"speed-up x{r['speedup']:.2f} (medians of {r['steps_each']} steps each)")
+            f"speed-up x{r['speedup']:.2f} (medians of {r['steps_each']} steps each)"
+            + (f", peak GPU memory: seed step {r['seed_gpu_peak_mb'] / 1024:.1f} GiB, diffscrub step "
+               f"{r['ours_gpu_peak_mb'] / 1024:.1f} GiB" if "ours_gpu_peak_mb" in r else ""))
 
 
 def write_json(result: dict, path: str) -> None:

@@ -144,6 +144,17 @@ def detector_settings(record: dict) -> dict:
     return {k: section.get(k, getattr(base, k)) for k in ("tau", "alpha", "t_low", "t_high")}
 
 
+def has_prototypes(folder: str | pathlib.Path) -> bool:
+    """Whether ``folder`` holds an erase run's prototypes (TSS runs do; other methods' runs do not)."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(folder) / ARTIFACTS_FILE
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as f:
+        return "prototypes" in f.keys()
+
+
 class PrototypeDetector:
     """The scrubber's detector as a concept reader, on the *reference* model.
 

@@ -30,6 +30,7 @@ from .readers import (
     OracleFeatures,
     OracleReader,
     PrototypeDetector,
+    has_prototypes,
     inception_features,
     load_callable,
 )
@@ -224,7 +225,7 @@ def evaluate(
         reader_info["oracle"] = {"concept": config.toy_concept}
     # An explicit --artifacts must hold the prototypes (from_run raises otherwise); the --model folder may.
     artifacts_dir = pathlib.Path(config.artifacts or config.model) if (config.artifacts or config.model) else None
-    if artifacts_dir is not None and (config.artifacts or (artifacts_dir / ARTIFACTS_FILE).is_file()):
+    if artifacts_dir is not None and (config.artifacts or has_prototypes(artifacts_dir)):
         from ..adapters import adapter_for
 
         ref_adapter = adapter_for(reference_pipe, config.family)

@@ -10,6 +10,7 @@ from ...errors import ConfigError
 MASK_MODES = ("cached", "online")
 FORGET_TARGETS = ("clean", "seed")
 BLIND_FILLS = ("surround", "noise")
+FINGERPRINTS = ("prototypes", "knn")
 
 
 @dataclass
@@ -51,6 +52,14 @@ class TSSConfig:
     contrast_ratio: float = option(2.0, "how much more often a kept prototype must fire on forget than on retain")
     contrast_samples: int = option(32, "null-prompt samples generated as retain features when no retain folder is given")
     contrast_sample_steps: int = option(20, "sampler steps for those samples")
+    fingerprint: str = option(
+        "prototypes",
+        "how the cached masks are drawn: prototypes (cosine to the kept k-means centres, the design) or knn (each "
+        "location scored by its nearest forget neighbours in other images against its nearest retain neighbours; "
+        "for a concept that is one object among similar ones; needs mask_mode cached)",
+    )
+    knn_k: int = option(5, "neighbours averaged on each side of the knn score")
+    knn_area: float = option(0.1, "share of forget locations the knn mask keeps (its threshold is that quantile)")
 
     def __post_init__(self):
         check_range("tss.num_prototypes", self.num_prototypes, 1)
@@ -72,5 +81,10 @@ class TSSConfig:
         check_range("tss.contrast_ratio", self.contrast_ratio, 0)
         check_range("tss.contrast_samples", self.contrast_samples, 1)
         check_range("tss.contrast_sample_steps", self.contrast_sample_steps, 1)
+        check_choice("tss.fingerprint", self.fingerprint, FINGERPRINTS)
+        check_range("tss.knn_k", self.knn_k, 1)
+        check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
+        if self.fingerprint == "knn" and self.mask_mode != "cached":
+            raise ConfigError("tss.fingerprint='knn' scores each forget image once: use mask_mode 'cached'")
         if self.t_high > 1000:
             raise ConfigError(f"tss.t_high={self.t_high} is outside the 1000-step schedule: use at most 1000")

@@ -37,6 +37,8 @@ import torch
 
 from ...adapters.base import concat_kwargs
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
+from ...concept.knn import knn_scores, scores_to_mask
+from ...concept.mask import to_latent
 from ..base import METHODS, Method
 from .config import TSSConfig
 
@@ -80,12 +82,14 @@ class TeacherStudentScrubber(Method):
         self.all_prototypes: torch.Tensor | None = None  # [K, D] every k-means centre
         self.selection = None  # PrototypeSelection when contrastive
         self.masks: torch.Tensor | None = None  # [N, 1, H, W] cached masks of the forget images
+        self._knn_banks = None  # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D])
 
     # ------------------------------------------------------------------ phase 1
-    def _band_vectors(self, cache, progress=None) -> torch.Tensor:
-        """Subsampled teacher features of every image of ``cache`` in the semantic band: ``[M, D]``."""
+    def _band_vectors(self, cache, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subsampled teacher features of every image of ``cache`` in the semantic band: ``[M, D]``,
+        and the index of the image each vector came from, ``[M]``."""
         ctx, cfg = self.ctx, self.config
-        n, vectors = len(cache), []
+        n, vectors, images = len(cache), [], []
         for _ in range(cfg.fit_draws):
             for start in range(0, n, self._batch):
                 index = torch.arange(start, min(n, start + self._batch))
@@ -93,10 +97,12 @@ class TeacherStudentScrubber(Method):
                 t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
                 z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
                 _, feats = ctx.teacher_predict(z_t, t, ctx.cond.take(ctx.null_index(len(index))), features=True)
-                vectors.append(subsample(feats.vectors.float().cpu(), cfg.vectors_per_image, ctx.generator))
+                kept = subsample(feats.vectors.float().cpu(), cfg.vectors_per_image, ctx.generator)  # image order
+                vectors.append(kept)
+                images.append(index.repeat_interleave(kept.shape[0] // len(index)))
                 if progress:
                     progress(len(index))
-        return torch.cat(vectors)
+        return torch.cat(vectors), torch.cat(images)
 
     def _contrast_cache(self):
         """Retain latents, or latents of null-prompt samples the model generates itself."""
@@ -116,16 +122,20 @@ class TeacherStudentScrubber(Method):
         """Fit prototypes to teacher features of the forget images (null prompt); keep the contrastive ones."""
         ctx, cfg = self.ctx, self.config
         self._batch = batch_size
-        forget_vectors = self._band_vectors(ctx.forget, progress)
+        forget_vectors, forget_images = self._band_vectors(ctx.forget, progress)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
         self.all_prototypes = fit_prototypes(forget_vectors.to(ctx.device), cfg.num_prototypes, seed=seed,
                                              backend=cfg.kmeans_backend)
         self.prototypes = self.all_prototypes
+        retain_vectors = None
+        if cfg.contrastive or cfg.fingerprint == "knn":
+            retain_vectors, _ = self._band_vectors(self._contrast_cache())
         if cfg.contrastive:
-            retain_vectors = self._band_vectors(self._contrast_cache())
             self.selection = select_prototypes(self.all_prototypes, forget_vectors, retain_vectors, cfg.tau,
                                                cfg.contrast_ratio)
             self.prototypes = self.all_prototypes[self.selection.keep]
+        if cfg.fingerprint == "knn":  # the banks the masks are scored against (prototypes stay for the report)
+            self._knn_banks = (forget_vectors, forget_images, retain_vectors)
         return self.prototypes
 
     @torch.no_grad()
@@ -140,17 +150,33 @@ class TeacherStudentScrubber(Method):
         ctx, cfg = self.ctx, self.config
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
+        scores, grid = None, None  # knn: [N, L] summed scores on the feature grid
         for _ in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
                 z0 = ctx.forget.mean[index].to(ctx.device)
                 t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
                 z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
-                _, m = self.detect(z_t, t, ctx.cond.take(ctx.null_index(len(index))))
-                total[index] += m.float().cpu()
+                cond = ctx.cond.take(ctx.null_index(len(index)))
+                if cfg.fingerprint == "knn":
+                    _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
+                    b, locations, dim = feats.vectors.shape
+                    forget_bank, bank_images, retain_bank = self._knn_banks
+                    s = knn_scores(feats.vectors.reshape(-1, dim), index.repeat_interleave(locations),
+                                   forget_bank.to(ctx.device), bank_images, retain_bank.to(ctx.device), cfg.knn_k)
+                    scores = torch.zeros(n, locations) if scores is None else scores
+                    scores[index] += s.reshape(b, locations)
+                    grid = feats.grid
+                else:
+                    _, m = self.detect(z_t, t, cond)
+                    total[index] += m.float().cpu()
                 if progress:
                     progress(len(index))
-        self.masks = total / cfg.mask_draws
+        if scores is not None:
+            # one threshold over all forget locations: images without the concept may keep little
+            self.masks = to_latent(scores_to_mask(scores / cfg.mask_draws, cfg.knn_area), grid, ctx.latent_hw)
+        else:
+            self.masks = total / cfg.mask_draws
         return self.masks
 
     def prepare(self, progress=None, batch_size: int = 8):
