@@ -84,8 +84,13 @@ def config_from_args(ns: argparse.Namespace):
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     import diffusers
     import transformers
+
+    # torchmetrics warns about its own deprecated re-exports when imported; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r"Importing `.*` from `torchmetrics", category=FutureWarning)
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
