@@ -133,13 +133,13 @@ def cmd_bench_speed(ns) -> int:
 
     _quiet_libraries()
     modes = ["with retain", "without retain"] if ns.retain == "both" else [f"{ns.retain} retain"]
+    resolution = ns.resolution
+    if resolution is None:
+        from .bench.architectures import architecture
+
+        resolution = architecture(ns.arch).native_resolution if ns.arch else 32
     results = []
     for mode in modes:
-        resolution = ns.resolution
-        if resolution is None:
-            from .bench.architectures import architecture
-
-            resolution = architecture(ns.arch).native_resolution if ns.arch else 32
         results.append(bench_speed(ns.model, batch_size=ns.batch_size, steps=ns.steps, resolution=resolution,
                                    retain=mode.startswith("with "), trainable=ns.trainable,
                                    lora_rank=ns.lora_rank, device=ns.device, family=ns.family, arch=ns.arch,

@@ -163,8 +163,8 @@ def build_pipeline(name: str, *, device: str | torch.device = "cpu", dtype: torc
         parts: dict[str, Any] = {"vae": arch.vae()}
         if name in ("sd15", "sdxl"):
             parts["unet"] = arch.denoiser()
-            parts["scheduler"] = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
-                                                steps_offset=1)
+            parts["scheduler"] = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               clip_sample=False, steps_offset=1)
             parts["tokenizer"] = clip_tok
             if name == "sd15":
                 parts.update(text_encoder=_clip(768, None, clip_tok), safety_checker=None, feature_extractor=None,

@@ -219,6 +219,7 @@ def setup_run(
         if check_output:
             check_output_dir(config.out, overwrite=config.overwrite)
     device = dist.device if dist is not None and dist.enabled else pick_device(config.device)
+    half = half_dtype(config.mixed_precision, device)  # before any loading: fp16 on a CPU is refused here
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     timing: dict[str, float] = {}
@@ -241,7 +242,6 @@ def setup_run(
         pipe = load_pipeline(config.model, family=config.family, allow_pickle=config.allow_pickle,
                              trust_remote_code=config.trust_remote_code)
     adapter = adapter_for(pipe, config.family)
-    half = half_dtype(config.mixed_precision, device)
     for module in adapter.frozen_modules():
         module.requires_grad_(False)
         module.eval()

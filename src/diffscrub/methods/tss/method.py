@@ -135,7 +135,7 @@ class TeacherStudentScrubber(Method):
                                                cfg.contrast_ratio)
             self.prototypes = self.all_prototypes[self.selection.keep]
         if cfg.fingerprint == "knn":  # the banks the masks are scored against (prototypes stay for the report)
-            self._knn_banks = (forget_vectors, forget_images, retain_vectors)
+            self._knn_banks = (forget_vectors.to(ctx.device), forget_images, retain_vectors.to(ctx.device))
         return self.prototypes
 
     @torch.no_grad()
@@ -163,7 +163,7 @@ class TeacherStudentScrubber(Method):
                     b, locations, dim = feats.vectors.shape
                     forget_bank, bank_images, retain_bank = self._knn_banks
                     s = knn_scores(feats.vectors.reshape(-1, dim), index.repeat_interleave(locations),
-                                   forget_bank.to(ctx.device), bank_images, retain_bank.to(ctx.device), cfg.knn_k)
+                                   forget_bank, bank_images, retain_bank, cfg.knn_k)
                     scores = torch.zeros(n, locations) if scores is None else scores
                     scores[index] += s.reshape(b, locations)
                     grid = feats.grid
