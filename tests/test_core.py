@@ -316,6 +316,43 @@ def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
     assert "retain" in result.history[-1]
 
 
+def test_compile_matches_eager(tmp_path, monkeypatch):
+    """--compile runs compiled student and teacher calls: the same losses as an eager run (the feature
+    taps of Phase 1 still fire), the same parameter names in the saved folder. (Dynamo's eager backend:
+    graph capture without the C++ build.) A method that reads the student's insides refuses it."""
+    from diffscrub.core.trainer import erase
+    from tiny_pipelines import build_tiny_pipeline
+
+    compiled = []
+    real = torch.compile
+
+    def compile_eager(model, *a, **k):
+        compiled.append(type(model).__name__)
+        return real(model, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    histories = {}
+    for flag in (False, True):
+        cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / f"o{flag}"), steps=2,
+                          batch_size=2, quiet=True, device="cpu", conditioning="null", compile=flag, log_every=1)
+        result = erase(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1},
+                       pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+        histories[flag] = [h["total"] for h in result.history]
+    torch._dynamo.reset()
+    assert compiled == ["UNet2DConditionModel", "UNet2DConditionModel"]
+    assert histories[True] == pytest.approx(histories[False], rel=1e-4)
+    from safetensors.torch import load_file
+
+    keys = {flag: set(load_file(str(tmp_path / f"o{flag}" / "unet" / "diffusion_pytorch_model.safetensors")))
+            for flag in (False, True)}
+    assert keys[True] == keys[False] and not any("_orig_mod" in k for k in keys[True])
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "oa"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", method="attention", concept_prompt="red", compile=True)
+    with pytest.raises(ConfigError, match="drop --compile"):
+        erase(cfg, {}, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+
+
 def test_nearest_words_only_whole_words():
     from diffscrub.concept.inversion import nearest_words
     from diffscrub.toy.tokenizers import build_clip_tokenizer
@@ -332,6 +369,59 @@ def test_nearest_words_only_whole_words():
         matrix[vocab[word]] = vec
     words = nearest_words(matrix, target, tok, k=2, exclude=set(tok.all_special_ids))
     assert words == ["seven", "7"]
+
+
+def test_name_prompts_put_names_in_contexts_with_neutral_forms():
+    from diffscrub.concept.inversion import PLACEHOLDER, name_prompts
+
+    added, neutral = name_prompts(["7", "and", "gravel"], 1, ["{}", "{} on  grass"], [""])
+    pool = [""] + added
+    assert "7 on grass" in pool and f"{PLACEHOLDER} on grass" in pool and "gravel on grass" in pool
+    assert pool.count("") == 1  # the name alone falls back to the run's own null prompt
+    by = {p: pool[neutral[i]] for i, p in enumerate(pool)}
+    assert by["7"] == "" and by[PLACEHOLDER] == ""
+    assert by["7 on grass"] == "on grass" and by[f"{PLACEHOLDER} on grass"] == "on grass"
+    # words past the names are clutter or look-alikes: kept as they are, in every template
+    assert by["gravel on grass"] == "gravel on grass" and by["and"] == "and" and by["on grass"] == "on grass"
+
+
+def test_conditioning_extend_offsets_neutral_forms():
+    from diffscrub.adapters.base import Conditioning
+
+    base = Conditioning(["", "a"], {"x": torch.arange(2.0)})
+    grown = base.extend(Conditioning(["b", "c"], {"x": torch.arange(2.0, 4.0)}, neutral=[0, 0]))
+    assert grown.neutral == [0, 1, 2, 2]
+    assert grown.neutral_index(torch.tensor([3, 1, 0])).tolist() == [2, 1, 0]
+    assert base.neutral_index(torch.tensor([1, 0])).tolist() == [1, 0]  # no neutral forms: identity
+    assert grown.to(dtype=torch.float64).neutral == grown.neutral
+
+
+@pytest.mark.parametrize("name_target", ["keep", "neutral"])
+def test_tss_name_target_sets_the_keep_teacher(name_target, tmp_path):
+    """With an empty mask the student (a copy of the teacher) matches its keep target exactly under
+    "keep"; under "neutral" a prompt naming the concept is pulled to the teacher under the null prompt,
+    so the background term is positive, and it is zero again when every draw is the null prompt."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", conditioning="prompts", prompts=["red thing"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                          "name_target": name_target}, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    ctx = run.ctx
+    ctx.cond.neutral = [0, 0]  # "red thing" names the concept; its neutral form is the null prompt
+    run.method.prepare(batch_size=2)
+    run.method.masks.zero_()
+    ctx.prompt_index = lambda b: torch.ones(b, dtype=torch.long)
+    _, terms = run.method.loss(0, 2)
+    if name_target == "keep":
+        assert float(terms["background"]) < 1e-10 and float(terms["retain"]) < 1e-10
+    else:
+        assert float(terms["background"]) > 1e-6 and float(terms["retain"]) > 1e-6
+        ctx.prompt_index = lambda b: torch.zeros(b, dtype=torch.long)
+        _, terms = run.method.loss(1, 2)
+        assert float(terms["background"]) < 1e-10
 
 
 def test_conditioning_null_keeps_seed_pool(tmp_path):
@@ -389,6 +479,9 @@ def test_boolean_defaults_can_be_turned_off(tmp_path):
     ({"steps": 0}, "steps=0 is out of range"),
     ({"trainable": "lora"}, "--lora-rank"),
     ({"device": "tpu"}, "device='tpu' is not valid"),
+    ({"name_contexts": ["on grass"]}, "exactly one '{}'"),
+    ({"name_contexts": ["{} and {}"]}, "exactly one '{}'"),
+    ({"name_contexts": []}, "name_contexts is empty"),
 ])
 def test_config_rejects(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -406,6 +499,7 @@ def test_config_rejects(values, match):
     ({"fingerprint": "knn", "mask_mode": "online"}, "mask_mode 'cached'"),
     ({"knn_area": 1.0}, "tss.knn_area=1.0"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),
+    ({"name_target": "null"}, "tss.name_target"),
     ({"kk": 1}, "unknown key 'kk' in tss"),
 ])
 def test_tss_config_rejects(values, match):

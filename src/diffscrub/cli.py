@@ -144,7 +144,7 @@ def cmd_bench_speed(ns) -> int:
                                    retain=mode.startswith("with "), trainable=ns.trainable,
                                    lora_rank=ns.lora_rank, device=ns.device, family=ns.family, arch=ns.arch,
                                    mixed_precision=ns.mixed_precision,
-                                   gradient_checkpointing=ns.gradient_checkpointing))
+                                   gradient_checkpointing=ns.gradient_checkpointing, compile=ns.compile))
     if ns.json:
         write_json(results if len(results) > 1 else results[0], ns.json)
     return 0
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image size in pixels (default: the --arch's native size, else 32)")
     p.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the denoisers (both steps use them)")
     p.add_argument("--retain", choices=("with", "without", "both"), default="both")
     p.add_argument("--trainable", choices=("full", "attention", "lora"), default="full")
     p.add_argument("--lora-rank", type=int, default=0)

@@ -198,10 +198,17 @@ class EraseConfig:
     inversion_steps: int = option(100, "textual-inversion steps used to name the concept")
     inversion_lr: float = option(5e-3, "textual-inversion learning rate")
     inversion_words: int = option(3, "nearest vocabulary words added to the conditioning pool")
+    name_words: int = option(1, "how many of those words (best first) are taken as the concept's names; with the "
+                             "placeholder they are put in every --name-contexts template")
+    name_contexts: list[str] = option(["{}"], "templates the names are put in, '{}' marking the name (comma-separated, "
+                                      "e.g. '{},{} on grass'); a filled template's neutral form is the template "
+                                      "without the name")
     prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
     concept_prompt: str | None = option(None, "the concept's name, for methods that need one (attention, sfd, esd)")
     anchor_prompt: str = option("", "what to draw instead of the concept, for methods that need one (\"\" = null prompt)")
     gradient_checkpointing: bool = option(False, "recompute student activations in the backward pass to save memory")
+    compile: bool = option(False, "torch.compile the student and teacher denoisers (the first steps are slow while "
+                           "they compile; on the CPU, inductor needs a C++ compiler)")
     overwrite: bool = option(False, "replace a non-empty --out folder")
     allow_pickle: bool = option(False, "allow loading pickle (.ckpt/.bin/.pt) checkpoints, which can run arbitrary code")
     trust_remote_code: bool = option(False, "allow hub pipelines that need custom code")
@@ -227,6 +234,13 @@ class EraseConfig:
         check_range("inversion_steps", self.inversion_steps, 1)
         check_range("inversion_lr", self.inversion_lr, 0, low_open=True)
         check_range("inversion_words", self.inversion_words, 0)
+        check_range("name_words", self.name_words, 0)
+        for template in self.name_contexts:
+            if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.count("}") != 1:
+                raise ConfigError(f"name context {template!r} must hold exactly one '{{}}' where the name goes "
+                                  "and no other braces: e.g. --name-contexts '{},{} on grass'")
+        if not self.name_contexts:
+            raise ConfigError("name_contexts is empty: pass at least '{}' (the name alone)")
         check_range("lora_rank", self.lora_rank, 0)
         if self.trainable == "lora" and self.lora_rank < 1:
             raise ConfigError("trainable='lora' needs a rank: pass --lora-rank N (for example 4)")

@@ -42,9 +42,18 @@ class Conditioning:
 
     prompts: list[str]
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: for each prompt, the pool index of its neutral form (the prompt with the concept's name taken
+    #: out; itself for a prompt that names nothing). ``None``: every prompt is its own neutral form.
+    neutral: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def neutral_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Pool indices of the neutral forms of prompts ``index [B]``."""
+        if self.neutral is None:
+            return index
+        return torch.as_tensor(self.neutral, dtype=torch.long)[index.cpu()].to(index.device)
 
     def take(self, index: torch.Tensor) -> dict[str, Any]:
         """Denoiser kwargs for a batch: prompt ``index[b]`` for sample ``b``; index ``[B]`` long."""
@@ -52,13 +61,16 @@ class Conditioning:
 
     def extend(self, other: "Conditioning") -> "Conditioning":
         """The pool of both, ``self``'s prompts first."""
-        return Conditioning(self.prompts + other.prompts, concat_kwargs([self.kwargs, other.kwargs]))
+        ours = self.neutral or list(range(len(self)))
+        theirs = [len(self) + i for i in (other.neutral or range(len(other)))]
+        neutral = None if self.neutral is None and other.neutral is None else ours + theirs
+        return Conditioning(self.prompts + other.prompts, concat_kwargs([self.kwargs, other.kwargs]), neutral)
 
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(x):
             return x.to(device=device, dtype=dtype if x.is_floating_point() and dtype else None)
 
-        return Conditioning(self.prompts, _map_tensors(self.kwargs, move))
+        return Conditioning(self.prompts, _map_tensors(self.kwargs, move), self.neutral)
 
 
 def concat_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:

@@ -102,7 +102,8 @@ def _time_steps(loss_fn, params, optimizer, steps: int, batch_size: int, device,
 def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int = 2, rounds: int = 3,
                 resolution: int = 32, retain: bool = True, trainable: str = "full", lora_rank: int = 0,
                 device: str = "auto", family: str | None = None, pipe=None, arch: str | None = None,
-                mixed_precision: str = "no", gradient_checkpointing: bool = False, log=print) -> dict:
+                mixed_precision: str = "no", gradient_checkpointing: bool = False, compile: bool = False,
+                log=print) -> dict:
     """Measure seconds per step of both steps, interleaved in ``rounds`` blocks, and their ratio.
 
     ``arch`` builds a randomly initialised full-size pipeline (see :mod:`.architectures`) on the
@@ -123,7 +124,8 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
         config = EraseConfig(model=model, forget=str(forget), retain=str(retain_dir) if retain_dir else None,
                              out=str(tmp / "out"), steps=1, batch_size=batch_size, device=device, quiet=True,
                              trainable=trainable, lora_rank=lora_rank, family=family,
-                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing)
+                             mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                             compile=compile)
         run = setup_run(config, {"num_prototypes": 5, "vectors_per_image": 256, "fit_draws": 1, "mask_draws": 1},
                         pipe=pipe, log=lambda m: None)
         run.method.prepare(batch_size=batch_size)
@@ -143,7 +145,7 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
             "device_name": torch.cuda.get_device_name(device_t) if device_t.type == "cuda" else _cpu_name(),
             "threads": torch.get_num_threads(), "batch_size": batch_size, "resolution": resolution,
             "retain": retain, "trainable": trainable, "lora_rank": lora_rank, "mixed_precision": mixed_precision,
-            "gradient_checkpointing": gradient_checkpointing, "steps_each": len(ours),
+            "gradient_checkpointing": gradient_checkpointing, "compile": compile, "steps_each": len(ours),
             "ours_s_per_step": statistics.median(ours), "seed_s_per_step": statistics.median(seed),
             "memory": peak_memory_mb(device_t),
         }
@@ -169,7 +171,8 @@ def _cpu_name() -> str:
 def format_result(r: dict) -> str:
     return (f"{r['family']} on {r['device']} ({r['device_name']}, {r['threads']} threads), batch {r['batch_size']}, "
             f"{r['resolution']}px, retain={'yes' if r['retain'] else 'no'}, {r['trainable']}, "
-            f"precision {r.get('mixed_precision', 'no')}{', checkpointing' if r.get('gradient_checkpointing') else ''}: "
+            f"precision {r.get('mixed_precision', 'no')}{', checkpointing' if r.get('gradient_checkpointing') else ''}"
+            f"{', compiled' if r.get('compile') else ''}: "
             f"seed step {r['seed_s_per_step'] * 1000:.1f} ms, diffscrub step {r['ours_s_per_step'] * 1000:.1f} ms, "
             f"speed-up x{r['speedup']:.2f} (medians of {r['steps_each']} steps each)"
             + (f", peak GPU memory: seed step {r['seed_gpu_peak_mb'] / 1024:.1f} GiB, diffscrub step "

@@ -25,6 +25,9 @@ PLACEHOLDER = "<concept>"
 class InversionResult:
     nearest: list[str]  # nearest vocabulary words, best first
     prompts: list[str]  # prompts added to the conditioning pool (including the placeholder's conditioning)
+    #: for each prompt of the grown pool (the run's pool, then ``prompts``), the index of its neutral form:
+    #: the prompt with the concept's name taken out
+    neutral: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     conditioning: object = None  # Conditioning of ``prompts``, encoded while the placeholder existed
 
@@ -63,7 +66,40 @@ def nearest_words(embedding_matrix: torch.Tensor, vector: torch.Tensor, tokenize
     return words
 
 
+def name_prompts(words: list[str], name_words: int, contexts: list[str],
+                 pool: list[str]) -> tuple[list[str], list[int]]:
+    """The prompts the inversion adds to ``pool``, and for every prompt of the grown pool the index of its
+    neutral form.
+
+    The placeholder and the first ``name_words`` words are the concept's names; each is put in every
+    context template (``"{}"`` marks the name, e.g. ``"{} on grass"``), and each filled template's
+    neutral form is the template with the name taken out (``"on grass"``; ``""``, the null prompt, for
+    ``"{}"``). The remaining words go in every template too, each filled template its own neutral form:
+    they are what the forget images share besides the concept (their clutter, the concept's look-alikes),
+    and the student learns to keep them as the teacher draws them.
+    """
+    names = words[:name_words] + [PLACEHOLDER]
+    grown = list(pool)
+
+    def index_of(prompt: str) -> int:
+        prompt = " ".join(prompt.split())
+        if prompt not in grown:
+            grown.append(prompt)
+        return grown.index(prompt)
+
+    neutral_of = {}
+    for name in names:
+        for context in contexts:
+            neutral_of[index_of(context.format(name))] = index_of(context.format(""))
+    for word in words[name_words:]:
+        for context in contexts:
+            index_of(context.format(word))
+    neutral = [neutral_of.get(i, i) for i in range(len(grown))]
+    return grown[len(pool):], neutral
+
+
 def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int = 8, num_words: int = 3,
+                   name_words: int = 1, contexts: tuple[str, ...] = ("{}",), pool: tuple[str, ...] = ("",),
                    progress=None) -> InversionResult | None:
     """Learn a placeholder token for the forget latents; return the words and pool prompts.
 
@@ -130,10 +166,10 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
         new_id, row = rows[enc_name]
         matrix = getattr(pipe, enc_name).get_input_embeddings().weight[: sizes[enc_name]].detach()
         words = nearest_words(matrix, row.detach(), getattr(pipe, tok_name), num_words, base_ids[enc_name])
-        prompts = words + [PLACEHOLDER]
+        prompts, neutral = name_prompts(words, name_words, list(contexts), list(pool))
         with torch.no_grad():
             cond = adapter.encode_prompts(prompts, ctx.image_hw).to(ctx.device)
-        return InversionResult(nearest=words, prompts=prompts, losses=losses, conditioning=cond)
+        return InversionResult(nearest=words, prompts=prompts, losses=losses, conditioning=cond, neutral=neutral)
     finally:
         # 4. Restore the user's tokenizers and embedding tables exactly.
         for h in hooks:

@@ -93,7 +93,8 @@ class ErasureContext:
         rank / world: this process and the number of processes a training batch is split over
             (see :meth:`shard`); 0 and 1 in a single-process run.
         student_forward: what :meth:`student_predict` calls (the DDP-wrapped student when several
-            processes train); ``None`` means ``student``.
+            processes train, compiled with ``--compile``); ``None`` means ``student``.
+        teacher_forward: the compiled teacher (``--compile``), for calls that tap no features.
     """
 
     adapter: DenoiserAdapter
@@ -115,6 +116,7 @@ class ErasureContext:
     rank: int = 0
     world: int = 1
     student_forward: Any = None
+    teacher_forward: Any = None
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)
@@ -192,7 +194,9 @@ class ErasureContext:
     ) -> tuple[torch.Tensor, Features | None]:
         """Frozen-teacher prediction ``[B, C_out, H, W]`` (and tapped features), without gradients."""
         with self._teacher_module() as model, self.adapter.eval_mode(model), self.autocast():
-            pred, feats = self.adapter.predict(model, z_t.to(self.dtype), t, cond, features=features)
+            # a compiled teacher would skip the feature tap's forward hook: tapped calls run the eager module
+            call = model if features or self.teacher_forward is None else self.teacher_forward
+            pred, feats = self.adapter.predict(call, z_t.to(self.dtype), t, cond, features=features)
         return pred.float(), feats
 
     def student_predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:

@@ -156,6 +156,7 @@ def phase1_payload(ctx, method=None, **extra) -> dict:
 
     payload = {
         "prompts": list(ctx.cond.prompts),
+        "neutral": ctx.cond.neutral,
         "cond": {k: v.detach().cpu() for k, v in _flatten_cond(ctx.cond.kwargs).items()},
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
@@ -174,7 +175,7 @@ def apply_phase1(payload: dict, ctx, method=None) -> dict:
     from ..adapters.base import Conditioning
     from .checkpoint import _restore_cond
 
-    ctx.cond = Conditioning(payload["prompts"], _restore_cond(ctx.cond.kwargs, payload["cond"]))
+    ctx.cond = Conditioning(payload["prompts"], _restore_cond(ctx.cond.kwargs, payload["cond"]), payload["neutral"])
     ctx.generator.set_state(payload["generator"])
     torch.set_rng_state(payload["torch_rng"])
     for sampler, state in zip((ctx.forget_sampler, ctx.retain_sampler), payload["samplers"]):

@@ -289,6 +289,14 @@ def setup_run(
         ctx.dtype = half
         ctx.autocast = adapter.autocast = functools.partial(torch.autocast, device.type, dtype=half)
     method = method_cls(method_config, ctx)
+    if config.compile:
+        if not getattr(method_cls, "compilable", True):
+            raise ConfigError(f"method '{config.method}' reads values from inside the student's forward pass, "
+                              "which a compiled graph does not expose: drop --compile")
+        # Compiled callables beside the eager modules: parameters, names and the saved folder are the
+        # modules' own, and calls that tap features with a forward hook run the eager module.
+        ctx.student_forward = torch.compile(student)
+        ctx.teacher_forward = torch.compile(teacher) if teacher is not None else ctx.student_forward
 
     return Run(config, method_config, pipe, adapter, ctx, method, params, forget_images, retain_images, timing, t0)
 
@@ -311,12 +319,15 @@ def name_concept(run: Run, log) -> dict | None:
     bar = _Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
     try:
         result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
-                                batch_size=config.batch_size, num_words=config.inversion_words, progress=bar)
+                                batch_size=config.batch_size, num_words=config.inversion_words,
+                                name_words=config.name_words, contexts=tuple(config.name_contexts),
+                                pool=tuple(ctx.cond.prompts), progress=bar)
     finally:
         bar.close()
     if result is None:
         return None
     ctx.cond = ctx.cond.extend(result.conditioning)
+    ctx.cond.neutral = result.neutral
     log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
     return {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
             "inversion_loss_last": result.losses[-1]}
@@ -405,6 +416,8 @@ def erase(
         local_batch = config.batch_size // dist.world
         ctx.shard(dist.rank, dist.world)
         ctx.student_forward = dist.wrap(student)
+        if config.compile:
+            ctx.student_forward = torch.compile(ctx.student_forward._wrapped)  # the DDP module, compiled
 
     # ---------------------------------------------------------------- phase 2
     def checkpoint(step: int):

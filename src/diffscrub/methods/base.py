@@ -35,6 +35,9 @@ class Method:
     resumable_state: ClassVar[bool] = False
     #: whether --conditioning auto may add the textual-inversion words to the pool for this method.
     inversion_pool: ClassVar[bool] = True
+    #: False when the method reads values from inside the student's forward (hooks, attention maps),
+    #: which a torch.compile'd graph does not run: --compile is then refused.
+    compilable: ClassVar[bool] = True
 
     def __init__(self, config, ctx: ErasureContext):
         self.config = config

@@ -76,6 +76,7 @@ def distance_loss(maps: list[torch.Tensor], refs: list[torch.Tensor | float]) ->
 @METHODS.register("attention")
 class AttentionSteering(Method):
     name = "attention"
+    compilable = False  # the attention maps are read by processors inside the student's forward
     config_class = AttentionConfig
     needs = frozenset({"forget", "concept_prompt"})
     default_trainable = "cross-attention"

@@ -11,6 +11,7 @@ MASK_MODES = ("cached", "online")
 FORGET_TARGETS = ("clean", "seed")
 BLIND_FILLS = ("surround", "noise")
 FINGERPRINTS = ("prototypes", "knn")
+NAME_TARGETS = ("keep", "neutral")
 
 
 @dataclass
@@ -58,6 +59,12 @@ class TSSConfig:
         "location scored by its nearest forget neighbours in other images against its nearest retain neighbours; "
         "for a concept that is one object among similar ones; needs mask_mode cached)",
     )
+    name_target: str = option(
+        "keep",
+        "what the student follows outside the mask and on retain latents when its prompt comes from the pool: keep "
+        "(the teacher under the same prompt, the design) or neutral (the teacher under the null prompt, so a prompt "
+        "naming the concept stops steering towards it anywhere in the image)",
+    )
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
     knn_area: float = option(0.1, "share of forget locations the knn mask keeps (its threshold is that quantile)")
 
@@ -83,6 +90,7 @@ class TSSConfig:
         check_range("tss.contrast_sample_steps", self.contrast_sample_steps, 1)
         check_choice("tss.fingerprint", self.fingerprint, FINGERPRINTS)
         check_range("tss.knn_k", self.knn_k, 1)
+        check_choice("tss.name_target", self.name_target, NAME_TARGETS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         if self.fingerprint == "knn" and self.mask_mode != "cached":
             raise ConfigError("tss.fingerprint='knn' scores each forget image once: use mask_mode 'cached'")

@@ -201,7 +201,8 @@ class TeacherStudentScrubber(Method):
         index = ctx.forget_sampler.next(batch_size)
         z0 = ctx.forget.sample(index, ctx.generator).to(ctx.device)  # [B, C, H, W]
         b = z0.shape[0]
-        cond = ctx.cond.take(ctx.prompt_index(b))
+        prompt = ctx.prompt_index(b)  # [B] pool indices
+        cond = ctx.cond.take(prompt)
         t = ctx.timesteps(b)
         eps = ctx.randn_like(z0)
         z_t = ctx.schedule.add_noise(z0, eps, t)
@@ -210,25 +211,29 @@ class TeacherStudentScrubber(Method):
         if use_retain:
             r_index = ctx.retain_sampler.next(batch_size)
             z0r = ctx.retain.sample(r_index, ctx.generator).to(ctx.device)
-            cond_r = ctx.cond.take(ctx.prompt_index(len(r_index)))
+            prompt_r = ctx.prompt_index(len(r_index))
+            cond_r = ctx.cond.take(prompt_r)
             t_r = ctx.timesteps(len(r_index))
             z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
 
         # Teacher targets. Inputs are concatenated along the batch so one call serves several targets.
         # Inside the mask the target is the teacher's inpainting under the null prompt, whatever prompt the
         # student sees: a prompt naming the concept must not bring it back through the conditional branch.
+        # Outside the mask (and on retain latents) "keep" follows the teacher under the student's own prompt;
+        # "neutral" under its neutral form (the name taken out), so a prompt naming the concept stops steering.
         cond_null = ctx.cond.take(ctx.null_index(b))
+        cond_keep = cond if cfg.name_target == "keep" else ctx.cond.take(ctx.cond.neutral_index(prompt))
         if cfg.mask_mode == "cached":
             mask = self.masks[index].to(ctx.device)  # [B, 1, H, W]
-            parts = [(z_t, t, cond)]
+            parts = [(z_t, t, cond_keep)]
         else:
-            t_orig, mask = self.detect(z_t, t, cond)
+            t_orig, mask = self.detect(z_t, t, cond_keep)
             parts = []
         fill = surround_fill(z0, mask) if cfg.blind_fill == "surround" else ctx.randn_like(z0)
         z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
         parts.append((z_t_blind, t, cond_null))
         if use_retain:
-            parts.append((z_tr, t_r, cond_r))
+            parts.append((z_tr, t_r, cond_r if cfg.name_target == "keep" else ctx.cond.take(ctx.cond.neutral_index(prompt_r))))
         targets, _ = ctx.teacher_predict(
             torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), concat_kwargs([p[2] for p in parts])
         )
