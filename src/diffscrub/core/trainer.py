@@ -209,6 +209,9 @@ def setup_run(
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     method_cls, method_config = resolve_method_config(config, method_config)
+    if config.compile and not method_cls.compilable:  # before any loading
+        raise ConfigError(f"method '{config.method}' reads values from inside the student's forward pass, "
+                          "which a compiled graph does not expose: drop --compile")
     auto_trainable = config.trainable is None
     if auto_trainable:
         config.trainable = method_cls.default_trainable
@@ -290,9 +293,6 @@ def setup_run(
         ctx.autocast = adapter.autocast = functools.partial(torch.autocast, device.type, dtype=half)
     method = method_cls(method_config, ctx)
     if config.compile:
-        if not getattr(method_cls, "compilable", True):
-            raise ConfigError(f"method '{config.method}' reads values from inside the student's forward pass, "
-                              "which a compiled graph does not expose: drop --compile")
         # Compiled callables beside the eager modules: parameters, names and the saved folder are the
         # modules' own, and calls that tap features with a forward hook run the eager module.
         ctx.student_forward = torch.compile(student)
@@ -416,8 +416,8 @@ def erase(
         local_batch = config.batch_size // dist.world
         ctx.shard(dist.rank, dist.world)
         ctx.student_forward = dist.wrap(student)
-        if config.compile:
-            ctx.student_forward = torch.compile(ctx.student_forward._wrapped)  # the DDP module, compiled
+        if config.compile:  # the DDP module compiled, behind the same proxy (adapters read model.config)
+            ctx.student_forward = distributed.DDPStudent(torch.compile(ctx.student_forward._wrapped), student)
 
     # ---------------------------------------------------------------- phase 2
     def checkpoint(step: int):

@@ -62,8 +62,9 @@ class TSSConfig:
     name_target: str = option(
         "keep",
         "what the student follows outside the mask and on retain latents when its prompt comes from the pool: keep "
-        "(the teacher under the same prompt, the design) or neutral (the teacher under the null prompt, so a prompt "
-        "naming the concept stops steering towards it anywhere in the image)",
+        "(the teacher under the same prompt, the design) or neutral (the teacher under the prompt's neutral form, the "
+        "concept's name taken out: \"7 on grass\" -> \"on grass\", \"7\" -> the null prompt; so a prompt naming the "
+        "concept stops steering towards it anywhere in the image)",
     )
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
     knn_area: float = option(0.1, "share of forget locations the knn mask keeps (its threshold is that quantile)")

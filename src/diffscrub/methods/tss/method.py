@@ -196,6 +196,13 @@ class TeacherStudentScrubber(Method):
         return n_forget * draws
 
     # ------------------------------------------------------------------ phase 2
+    def _keep_cond(self, prompt: torch.Tensor, cond: dict) -> dict:
+        """The teacher's conditioning for the keep terms of pool prompts ``prompt [B]`` (taken as ``cond``):
+        the same prompts under ``name_target="keep"``, their neutral forms under ``"neutral"``."""
+        if self.config.name_target == "keep":
+            return cond
+        return self.ctx.cond.take(self.ctx.cond.neutral_index(prompt))
+
     def loss(self, step: int, batch_size: int):
         ctx, cfg = self.ctx, self.config
         index = ctx.forget_sampler.next(batch_size)
@@ -222,7 +229,7 @@ class TeacherStudentScrubber(Method):
         # Outside the mask (and on retain latents) "keep" follows the teacher under the student's own prompt;
         # "neutral" under its neutral form (the name taken out), so a prompt naming the concept stops steering.
         cond_null = ctx.cond.take(ctx.null_index(b))
-        cond_keep = cond if cfg.name_target == "keep" else ctx.cond.take(ctx.cond.neutral_index(prompt))
+        cond_keep = self._keep_cond(prompt, cond)
         if cfg.mask_mode == "cached":
             mask = self.masks[index].to(ctx.device)  # [B, 1, H, W]
             parts = [(z_t, t, cond_keep)]
@@ -233,7 +240,7 @@ class TeacherStudentScrubber(Method):
         z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
         parts.append((z_t_blind, t, cond_null))
         if use_retain:
-            parts.append((z_tr, t_r, cond_r if cfg.name_target == "keep" else ctx.cond.take(ctx.cond.neutral_index(prompt_r))))
+            parts.append((z_tr, t_r, self._keep_cond(prompt_r, cond_r)))
         targets, _ = ctx.teacher_predict(
             torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), concat_kwargs([p[2] for p in parts])
         )
