@@ -14,7 +14,7 @@ import sys
 import typing
 
 from .config import EraseConfig, _unwrap_optional, build, merge, read_config_file
-from .errors import DiffscrubError
+from .errors import DiffscrubError, print_error
 
 SECTION_SEP = "."
 
@@ -263,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(ns) or 0)
     except DiffscrubError as exc:
-        print(f"diffscrub: error: {exc}", file=sys.stderr)
+        print_error(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        print("diffscrub: interrupted; nothing was written to the output folder", file=sys.stderr)
+        print_error("interrupted; nothing was written to the output folder")
         return 130
 
 

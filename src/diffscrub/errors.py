@@ -32,3 +32,15 @@ class Interrupted(DiffscrubError):
     """The run was stopped by a signal after saving a checkpoint."""
 
     exit_code = 130
+
+
+def print_error(message: str) -> None:
+    """Write one ``diffscrub: ...`` line to stderr in a single write.
+
+    ``print`` writes the text and the newline separately; with several processes on one stderr
+    (``torchrun``) their lines could then run together. One write of a short line is atomic.
+    """
+    import sys
+
+    sys.stderr.write(f"diffscrub: {message}\n")
+    sys.stderr.flush()

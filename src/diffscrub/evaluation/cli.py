@@ -136,7 +136,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``eval``/``report`` on their own (the main CLI normally does this)."""
-    from ..errors import DiffscrubError
+    from ..errors import DiffscrubError, print_error
 
     parser = argparse.ArgumentParser(prog="diffscrub")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(run(ns) or 0)
     except DiffscrubError as exc:
-        print(f"diffscrub: error: {exc}", file=sys.stderr)
+        print_error(f"error: {exc}")
         return exc.exit_code
 
 
