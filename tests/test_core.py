@@ -443,6 +443,30 @@ def test_conditioning_null_keeps_seed_pool(tmp_path):
         erase(cfg, options, pipe=build_tiny_pipeline("dit"), log=lambda m: None)
 
 
+def test_contrast_samples_are_generated_and_encoded_in_batches(tmp_path):
+    """Without a retain folder the contrastive fingerprint samples the model itself: in chunks of the
+    run's batch, never all samples in one pipeline call or one VAE encode (that ran SDXL out of memory
+    at 1024 px), and the chunks are different draws."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", conditioning="null")
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                          "contrast_samples": 5, "contrast_sample_steps": 2},
+                    pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    adapter, generated, encoded = run.adapter, [], []
+    generate, encode = adapter.generate, adapter.encode_moments
+    adapter.generate = lambda prompts, *a, **k: generated.append(generate(prompts, *a, **k)) or generated[-1]
+    adapter.encode_moments = lambda images: encoded.append(images.shape[0]) or encode(images)
+    run.method._batch = 2
+    cache = run.method._contrast_cache()
+    assert [g.shape[0] for g in generated] == [2, 2, 1] and encoded == [2, 2, 1]
+    assert len(cache) == 5 and cache.mean.shape[1:] == run.ctx.forget.mean.shape[1:]
+    assert not torch.allclose(generated[0], generated[1])  # each chunk its own seed
+
+
 # ----------------------------------------------------------------------------- config
 def test_config_file_and_flags_merge(tmp_path):
     from diffscrub.cli import build_parser, config_from_args

@@ -126,7 +126,9 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
                              trainable=trainable, lora_rank=lora_rank, family=family,
                              mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
                              compile=compile)
-        run = setup_run(config, {"num_prototypes": 5, "vectors_per_image": 256, "fit_draws": 1, "mask_draws": 1},
+        # Preparation is not timed: without retain images, a few cheap self-generated samples suffice.
+        run = setup_run(config, {"num_prototypes": 5, "vectors_per_image": 256, "fit_draws": 1, "mask_draws": 1,
+                                 "contrast_samples": max(4, batch_size), "contrast_sample_steps": 4},
                         pipe=pipe, log=lambda m: None)
         run.method.prepare(batch_size=batch_size)
         seed_step = SeedStep(run, run.forget_images.images, run.retain_images.images if retain_dir else None)

@@ -30,6 +30,18 @@ class LatentCache:
     def __len__(self) -> int:
         return self.mean.shape[0]
 
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, adapter, images: torch.Tensor, batch_size: int) -> "LatentCache":
+        """Encode ``images [N, 3, H, W]`` in chunks of ``batch_size``: a VAE at 1024 px holds 0.25-0.5 GiB
+        per image in each full-resolution activation, so a whole image set at once runs out of memory."""
+        means, stds = [], []
+        for start in range(0, images.shape[0], batch_size):
+            m, s = adapter.encode_moments(images[start:start + batch_size])
+            means.append(m.cpu())
+            stds.append(s.cpu())
+        return cls(torch.cat(means), torch.cat(stds))
+
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh posterior sample for images ``index [B]``: ``[B, C, H, W]``.
 

@@ -122,17 +122,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def encode_images(adapter, images: torch.Tensor, batch_size: int) -> LatentCache:
-    """Encode an image set once: ``[N, 3, H, W]`` -> cached posterior moments ``[N, C, h, w]``."""
-    means, stds = [], []
-    for start in range(0, images.shape[0], batch_size):
-        m, s = adapter.encode_moments(images[start:start + batch_size])
-        means.append(m.cpu())
-        stds.append(s.cpu())
-    return LatentCache(torch.cat(means), torch.cat(stds))
-
-
 class _StopFlag:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint after the current step and stops."""
 
@@ -258,8 +247,8 @@ def setup_run(
     # ---------------------------------------------------------------- latents and conditioning
     t1 = time.perf_counter()
     image_hw = tuple(forget_images.images.shape[-2:])
-    forget = encode_images(adapter, forget_images.images, config.batch_size)
-    retain = encode_images(adapter, retain_images.images, config.batch_size) if retain_images else None
+    forget = LatentCache.encode(adapter, forget_images.images, config.batch_size)
+    retain = LatentCache.encode(adapter, retain_images.images, config.batch_size) if retain_images else None
     prompts = [""] + (list(config.prompts) if config.conditioning == "prompts" else [])
     cond = adapter.encode_prompts(prompts, image_hw).to(device)
     timing["encode_s"] = time.perf_counter() - t1
