@@ -557,3 +557,32 @@ def test_fuzz_never_crashes(files, resolution):
 
 def test_input_error_is_diffscrub_error():
     assert issubclass(InputError, DiffscrubError) and InputError.exit_code == 2
+
+
+def test_pixels_stay_8_bit_and_encode_a_chunk_at_a_time(tmp_path):
+    """Decoded images are held as uint8 (a quarter of float32); the float form in [-1, 1] is the
+    same numbers, and latents encoded from the pixels a chunk at a time equal latents of the floats."""
+    from diffscrub.core.context import LatentCache
+
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        _save(Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)), tmp_path / f"{i}.png")
+    (tmp_path / "9bad.png").write_bytes(b"not a png")  # skipped last: no empty row may remain
+    out, _ = _load(tmp_path)
+    assert out.pixels.dtype == torch.uint8 and out.pixels.shape == (5, 3, 6, 6) and out.hw == (6, 6)
+    assert np.array_equal(out.pixels[2].permute(1, 2, 0).numpy(), np.asarray(Image.open(tmp_path / "2.png")))
+    floats = out.images
+    assert floats.dtype == torch.float32 and float(floats.min()) >= -1 and float(floats.max()) <= 1
+    assert torch.allclose(floats, out.pixels.float() / 127.5 - 1)
+    assert torch.equal(out.floats(1, 3), floats[1:3])
+
+    seen = []
+
+    class Adapter:  # a linear "VAE": moments = (2x, |x|)
+        def encode_moments(self, x):
+            seen.append((x.dtype, x.shape[0]))
+            return 2 * x, x.abs()
+
+    cache = LatentCache.encode(Adapter(), out.pixels, 2)
+    assert seen == [(torch.float32, 2), (torch.float32, 2), (torch.float32, 1)]
+    assert torch.allclose(cache.mean, 2 * floats) and torch.allclose(cache.std, floats.abs())

@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..concept import blind, concept_mask
 from ..config import EraseConfig
+from ..data.images import to_float
 from ..core.trainer import peak_memory_mb, setup_run
 
 
@@ -35,7 +36,7 @@ class SeedStep:
 
     def _encode(self, images):
         # The seed encodes with the frozen VAE inside every step.
-        mean, std = self.run.adapter.encode_moments(images.to(self.ctx.device))
+        mean, std = self.run.adapter.encode_moments(to_float(images.to(self.ctx.device)))
         return mean + std * torch.randn_like(mean)
 
     def loss(self, batch_size: int):
@@ -131,7 +132,7 @@ def bench_speed(model: str, *, batch_size: int = 4, steps: int = 10, warmup: int
                                  "contrast_samples": max(4, batch_size), "contrast_sample_steps": 4},
                         pipe=pipe, log=lambda m: None)
         run.method.prepare(batch_size=batch_size)
-        seed_step = SeedStep(run, run.forget_images.images, run.retain_images.images if retain_dir else None)
+        seed_step = SeedStep(run, run.forget_images.pixels, run.retain_images.pixels if retain_dir else None)
         optimizer = torch.optim.AdamW(run.params, lr=1e-6)
         device_t = run.ctx.device
         ours_fn = lambda b: run.method.loss(0, b)  # noqa: E731

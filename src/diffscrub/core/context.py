@@ -33,11 +33,14 @@ class LatentCache:
     @classmethod
     @torch.no_grad()
     def encode(cls, adapter, images: torch.Tensor, batch_size: int) -> "LatentCache":
-        """Encode ``images [N, 3, H, W]`` in chunks of ``batch_size``: a VAE at 1024 px holds 0.25-0.5 GiB
-        per image in each full-resolution activation, so a whole image set at once runs out of memory."""
+        """Encode ``images [N, 3, H, W]`` (uint8 pixels, or floats in [-1, 1]) in chunks of ``batch_size``:
+        a VAE at 1024 px holds 0.25-0.5 GiB per image in each full-resolution activation, so a whole image
+        set at once runs out of memory; uint8 pixels become floats a chunk at a time."""
+        from ..data.images import to_float
+
         means, stds = [], []
         for start in range(0, images.shape[0], batch_size):
-            m, s = adapter.encode_moments(images[start:start + batch_size])
+            m, s = adapter.encode_moments(to_float(images[start:start + batch_size]))
             means.append(m.cpu())
             stds.append(s.cpu())
         return cls(torch.cat(means), torch.cat(stds))

@@ -222,10 +222,10 @@ def setup_run(
     retain_images = None
     if config.retain:
         retain_images = load_image_folder(config.retain, name="retain", resolution=config.resolution, warn=warn)
-        if retain_images.images.shape[-2:] != forget_images.images.shape[-2:]:
+        if retain_images.hw != forget_images.hw:
             raise ConfigError(
-                f"retain images are {tuple(retain_images.images.shape[-2:])} but forget images are "
-                f"{tuple(forget_images.images.shape[-2:])}: pass --resolution N to bring both to N x N"
+                f"retain images are {retain_images.hw} but forget images are "
+                f"{forget_images.hw}: pass --resolution N to bring both to N x N"
             )
 
     if pipe is None:
@@ -246,9 +246,9 @@ def setup_run(
 
     # ---------------------------------------------------------------- latents and conditioning
     t1 = time.perf_counter()
-    image_hw = tuple(forget_images.images.shape[-2:])
-    forget = LatentCache.encode(adapter, forget_images.images, config.batch_size)
-    retain = LatentCache.encode(adapter, retain_images.images, config.batch_size) if retain_images else None
+    image_hw = forget_images.hw
+    forget = LatentCache.encode(adapter, forget_images.pixels, config.batch_size)
+    retain = LatentCache.encode(adapter, retain_images.pixels, config.batch_size) if retain_images else None
     prompts = [""] + (list(config.prompts) if config.conditioning == "prompts" else [])
     cond = adapter.encode_prompts(prompts, image_hw).to(device)
     timing["encode_s"] = time.perf_counter() - t1
@@ -483,7 +483,7 @@ def erase(
         "forget_images": len(forget_images),
         "retain_images": len(retain_images) if retain_images else 0,
         "skipped_images": len(forget_images.skipped) + (len(retain_images.skipped) if retain_images else 0),
-        "image_size": list(forget_images.images.shape[-2:]),
+        "image_size": list(forget_images.hw),
         "latent_shape": list(forget.mean.shape[1:]),
         "trainable": config.trainable,
         "mixed_precision": config.mixed_precision,

@@ -171,7 +171,7 @@ def evaluate(
     retain = None
     if config.retain:
         retain = load_image_folder(config.retain, name="retain", resolution=config.resolution, warn=warn)
-    height, width = (config.resolution,) * 2 if config.resolution else tuple(forget.images.shape[-2:])
+    height, width = (config.resolution,) * 2 if config.resolution else forget.hw
     forget01 = (forget.images + 1.0) / 2.0
     retain01 = (retain.images + 1.0) / 2.0 if retain is not None else None
     if retain01 is not None and tuple(retain01.shape[-2:]) != (height, width):
