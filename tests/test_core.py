@@ -566,6 +566,38 @@ def _err(capsys):
     return capsys.readouterr().err.strip()
 
 
+def test_out_of_memory_is_one_line_and_other_bugs_keep_their_traceback(tiny_pipeline_dirs, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Running out of GPU memory mid-run (here: raised from the training step) ends with one line that
+    names the options that shrink the step, exit code 1, and no output folder; a RuntimeError that is
+    not about memory is a bug and propagates."""
+    from diffscrub.cli import main
+    from diffscrub.methods.tss.method import TeacherStudentScrubber
+
+    model = str(tiny_pipeline_dirs("sd"))
+    args = ["erase", "--model", model, "--forget", str(_images(tmp_path / "forget")), "--quiet", "--steps", "2",
+            "--conditioning", "null", "--out", str(tmp_path / "out")]
+
+    def oom(self, step, batch_size):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB. GPU 0 has 79 GiB\nmore")
+
+    monkeypatch.setattr(TeacherStudentScrubber, "loss", oom)
+    assert main(args) == 1
+    err = _err(capsys)  # (library warnings from loading may precede it)
+    ours = [line for line in err.splitlines() if line.startswith("diffscrub:")]
+    assert len(ours) == 1 and "Traceback" not in err
+    assert ours[0].startswith("diffscrub: error: out of GPU memory (CUDA out of memory. Tried to allocate 16.00 GiB")
+    assert "--batch-size" in ours[0] and "--gradient-checkpointing" in ours[0] and "more" not in ours[0]
+    assert not (tmp_path / "out").exists()
+
+    def bug(self, step, batch_size):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(TeacherStudentScrubber, "loss", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(args)
+
+
 def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
     from diffscrub.cli import main
 

@@ -14,7 +14,7 @@ import sys
 import typing
 
 from .config import EraseConfig, _unwrap_optional, build, merge, read_config_file
-from .errors import DiffscrubError, print_error
+from .errors import run_command
 
 SECTION_SEP = "."
 
@@ -260,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("_run", "func", "command"):
         if hasattr(ns, key):
             delattr(ns, key)
-    try:
-        return int(run(ns) or 0)
-    except DiffscrubError as exc:
-        print_error(f"error: {exc}")
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print_error("interrupted; nothing was written to the output folder")
-        return 130
+    return run_command(run, ns)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``eval``/``report`` on their own (the main CLI normally does this)."""
-    from ..errors import DiffscrubError, print_error
+    from ..errors import run_command
 
     parser = argparse.ArgumentParser(prog="diffscrub")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -145,11 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     run = ns._run
     del ns._run
-    try:
-        return int(run(ns) or 0)
-    except DiffscrubError as exc:
-        print_error(f"error: {exc}")
-        return exc.exit_code
+    return run_command(run, ns)
 
 
 if __name__ == "__main__":
