@@ -182,7 +182,8 @@ def _forget_sample(folder: pathlib.Path, n_masks: int, resolution):
             pass  # no symlinks here, or a file that is not a usable image: decode the whole folder
     images = load_image_folder(folder, name="forget", resolution=resolution, warn=quiet)
     index = _spread(min(len(images), n_masks), MAX_OVERLAYS)
-    return index, [images.paths[i].name for i in index], [images.images[i] for i in index], len(images)
+    # only the shown images become floats (``images.images`` would convert the whole folder, per access)
+    return index, [images.paths[i].name for i in index], [images.floats(i, i + 1)[0] for i in index], len(images)
 
 
 def mask_section(record: dict, run_dir: pathlib.Path) -> str:
