@@ -396,6 +396,93 @@ def test_conditioning_extend_offsets_neutral_forms():
     assert grown.to(dtype=torch.float64).neutral == grown.neutral
 
 
+def test_vocabulary_anchor_prompts_leave_out_the_names():
+    from diffscrub.concept.inversion import PLACEHOLDER
+    from diffscrub.concept.vocabulary import anchor_prompts, vocabulary_words
+    from diffscrub.toy.tokenizers import build_clip_tokenizer
+
+    tok = build_clip_tokenizer()
+    words = vocabulary_words(tok)
+    assert {"3", "7", "grass", "and"} <= set(words) and len(words) == len(set(words))
+    assert not any(w.startswith("<") or "</w>" in w for w in words)  # no specials, no end-of-word marks
+    contexts = ["{}", "{} on  grass"]
+    pairs = anchor_prompts(words + [PLACEHOLDER], ["7"], contexts, 40, torch.Generator().manual_seed(0))
+    prompts = [p for p, _ in pairs]
+    assert len(prompts) == 40 == len(set(prompts))
+    assert all(p.split()[0] not in ("7", PLACEHOLDER) for p in prompts)
+    assert any(p.endswith(" on grass") for p in prompts) and any(" " not in p for p in prompts)
+    # each prompt's base is its template without the word
+    assert all(base == ("on grass" if p.endswith(" on grass") else "") for p, base in pairs)
+    assert pairs == anchor_prompts(words, ["7"], contexts, 40, torch.Generator().manual_seed(0))
+    assert pairs != anchor_prompts(words, ["7"], contexts, 40, torch.Generator().manual_seed(1))
+    # a vocabulary smaller than asked: every pair once; names compared case-insensitively
+    assert sorted(anchor_prompts(["Seven", "3"], ["seven"], contexts, 99, torch.Generator())) == [
+        ("3", ""), ("3 on grass", "on grass")]
+
+
+def test_strongest_anchors_are_taken_template_by_template():
+    from diffscrub.concept.vocabulary import strongest_per_base
+
+    prompts = [("3 on grass", "on grass"), ("x on grass", "on grass"), ("5 on grass", "on grass"),
+               ("3 on gravel", "on gravel"), ("x on gravel", "on gravel")]
+    effects = torch.tensor([9.0, 1.0, 8.0, 0.5, 0.1])  # gravel mutes every word
+    assert strongest_per_base(prompts, effects, 2) == [0, 3]  # not the two loud grass prompts
+    assert strongest_per_base(prompts, effects, 4) == [0, 3, 2, 4]
+    assert strongest_per_base(prompts, effects, 9) == [0, 3, 2, 4, 1]
+
+
+def test_conditioning_anchors_are_never_pool_draws():
+    from types import SimpleNamespace
+
+    from diffscrub.adapters.base import Conditioning
+    from diffscrub.core.context import ErasureContext
+
+    pool = Conditioning(["", "7"], {"x": torch.arange(2.0)}, neutral=[0, 0])
+    grown = pool.with_anchors(Conditioning(["3", "grass"], {"x": torch.arange(2.0, 4.0)}))
+    assert grown.pool_len == 2 and grown.anchor_prompts == ["3", "grass"] and grown.neutral == [0, 0, 2, 3]
+    assert grown.to(dtype=torch.float64).pool_size == 2
+    with pytest.raises(ValueError, match="before adding vocabulary anchors"):
+        grown.extend(pool)
+    ctx = SimpleNamespace(cond=grown, generator=torch.Generator().manual_seed(0), rank=0, world=1)
+    draws = ErasureContext.prompt_index(ctx, 500)
+    anchors = ErasureContext.anchor_index(ctx, 500)
+    assert set(draws.tolist()) == {0, 1} and set(anchors.tolist()) == {2, 3}
+    ctx.cond = pool
+    assert ErasureContext.anchor_index(ctx, 4) is None
+
+
+def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
+    """Anchor prompts are vocabulary words without the found name, outside the record's pool; the anchor
+    term is zero while the student is the teacher and grows once the student's text path moves."""
+    from diffscrub.core.trainer import add_vocab_anchors, setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", name_contexts=["{}", "a {}"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                          "vocab_anchors": 6, "vocab_candidates": 12}, pipe=build_tiny_pipeline("sd"),
+                    log=lambda m: None)
+    ctx = run.ctx
+    name = run.adapter.pipe.tokenizer.convert_ids_to_tokens(300).replace("</w>", "")
+    figures = add_vocab_anchors(run, {"nearest_words": [name, "other"]}, log=lambda m: None)
+    assert figures["count"] == 6 == len(ctx.cond.anchor_prompts) and figures["left_out"] == [name]
+    assert figures["candidates"] == 12 and figures["effect_kept_min"] > 0  # chosen by the teacher's effect
+    assert ctx.cond.pool_len == 1 and all(name not in p.split() for p in ctx.cond.anchor_prompts)
+    run.method.prepare(batch_size=2)
+    taken, take = [], ctx.cond.take
+    ctx.cond.take = lambda index: taken.append(index.tolist()) or take(index)
+    _, terms = run.method.loss(0, 2)
+    assert float(terms["vocab_anchor"]) < 1e-10
+    assert sum(all(i >= 1 for i in index) for index in taken) == 1  # one take: the anchors' conditioning
+    with torch.no_grad():
+        for key, param in ctx.student.named_parameters():
+            if "attn2.to_k" in key:
+                param.add_(torch.randn_like(param) * 0.5)
+    _, terms = run.method.loss(1, 2)
+    assert float(terms["vocab_anchor"]) > 1e-6
+
+
 @pytest.mark.parametrize("name_target", ["keep", "neutral"])
 def test_tss_name_target_sets_the_keep_teacher(name_target, tmp_path):
     """With an empty mask the student (a copy of the teacher) matches its keep target exactly under

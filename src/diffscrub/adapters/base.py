@@ -45,9 +45,20 @@ class Conditioning:
     #: for each prompt, the pool index of its neutral form (the prompt with the concept's name taken
     #: out; itself for a prompt that names nothing). ``None``: every prompt is its own neutral form.
     neutral: list[int] | None = None
+    #: prompts ``[0, pool_size)`` are the pool a method's keep and forget terms draw from; the rest are
+    #: vocabulary anchors (:meth:`with_anchors`). ``None``: every prompt is in the pool.
+    pool_size: int | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    @property
+    def pool_len(self) -> int:
+        return len(self.prompts) if self.pool_size is None else self.pool_size
+
+    @property
+    def anchor_prompts(self) -> list[str]:
+        return self.prompts[self.pool_len:]
 
     def neutral_index(self, index: torch.Tensor) -> torch.Tensor:
         """Pool indices of the neutral forms of prompts ``index [B]``."""
@@ -61,16 +72,24 @@ class Conditioning:
 
     def extend(self, other: "Conditioning") -> "Conditioning":
         """The pool of both, ``self``'s prompts first."""
+        if self.pool_size is not None:
+            raise ValueError("extend the pool before adding vocabulary anchors: anchors come last")
         ours = self.neutral or list(range(len(self)))
         theirs = [len(self) + i for i in (other.neutral or range(len(other)))]
         neutral = None if self.neutral is None and other.neutral is None else ours + theirs
         return Conditioning(self.prompts + other.prompts, concat_kwargs([self.kwargs, other.kwargs]), neutral)
 
+    def with_anchors(self, anchors: "Conditioning") -> "Conditioning":
+        """This pool followed by vocabulary-anchor prompts, which the pool's draws never return."""
+        grown = self.extend(Conditioning(anchors.prompts, anchors.kwargs))
+        grown.pool_size = len(self)
+        return grown
+
     def to(self, device=None, dtype=None) -> "Conditioning":
         def move(x):
             return x.to(device=device, dtype=dtype if x.is_floating_point() and dtype else None)
 
-        return Conditioning(self.prompts, _map_tensors(self.kwargs, move), self.neutral)
+        return Conditioning(self.prompts, _map_tensors(self.kwargs, move), self.neutral, self.pool_size)
 
 
 def concat_kwargs(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -187,6 +206,11 @@ class DenoiserAdapter:
     # ----------------------------------------------------------------- conditioning
     #: (tokenizer, text encoder) component names, in the order the pipeline uses them.
     text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+
+    def loaded_text_encoder_pairs(self) -> list[tuple[str, str]]:
+        """The pairs this pipeline holds both parts of (SD3 may be loaded without its T5, for instance)."""
+        return [(t, e) for t, e in self.text_encoder_pairs
+                if getattr(self.pipe, t, None) is not None and getattr(self.pipe, e, None) is not None]
 
     def encode_prompts(self, prompts: list[str], image_hw: tuple[int, int], *, grad: bool = False) -> Conditioning:
         """Conditioning for each prompt, with the frozen text encoders. ``""`` is the null prompt.

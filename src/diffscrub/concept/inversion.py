@@ -109,8 +109,7 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
     """
     adapter = ctx.adapter
     pipe = adapter.pipe
-    pairs = [(t, e) for t, e in adapter.text_encoder_pairs
-             if getattr(pipe, t, None) is not None and getattr(pipe, e, None) is not None]
+    pairs = adapter.loaded_text_encoder_pairs()
     if not pairs:
         return None
     saved_tokenizers = {t: copy.deepcopy(getattr(pipe, t)) for t, _ in pairs}

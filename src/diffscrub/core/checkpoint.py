@@ -140,7 +140,7 @@ def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimiz
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {
         "step": step, "identity": identity, "prompts": ctx.cond.prompts, "neutral": ctx.cond.neutral,
-        "history": history,
+        "pool_size": ctx.cond.pool_size, "history": history,
         "generator": ctx.generator.get_state().tolist(), "torch_rng": torch.get_rng_state().tolist(),
         "forget_sampler": ctx.forget_sampler.state_dict(),
         "retain_sampler": ctx.retain_sampler.state_dict() if ctx.retain_sampler else None,
@@ -187,7 +187,8 @@ def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, id
     method.load_state_dict({k[len("method."):]: v for k, v in tensors.items() if k.startswith("method.")})
     from ..adapters.base import Conditioning
 
-    ctx.cond = Conditioning(meta["prompts"], _restore_cond(ctx.cond.kwargs, tensors), meta.get("neutral"))
+    ctx.cond = Conditioning(meta["prompts"], _restore_cond(ctx.cond.kwargs, tensors), meta.get("neutral"),
+                            meta.get("pool_size"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     ctx.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))

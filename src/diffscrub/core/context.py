@@ -182,8 +182,16 @@ class ErasureContext:
         return t.to(self.device)
 
     def prompt_index(self, batch: int) -> torch.Tensor:
-        """Uniform draws from the conditioning pool, ``[B]`` long."""
-        return _draw_slice(lambda n: torch.randint(0, len(self.cond), (n,), generator=self.generator), batch,
+        """Uniform draws from the conditioning pool, ``[B]`` long (never a vocabulary anchor)."""
+        return _draw_slice(lambda n: torch.randint(0, self.cond.pool_len, (n,), generator=self.generator), batch,
+                           self.rank, self.world)
+
+    def anchor_index(self, batch: int) -> torch.Tensor | None:
+        """Uniform draws from the vocabulary anchors, ``[B]`` long pool indices; ``None`` when there are none."""
+        first, total = self.cond.pool_len, len(self.cond)
+        if first == total:
+            return None
+        return _draw_slice(lambda n: torch.randint(first, total, (n,), generator=self.generator), batch,
                            self.rank, self.world)
 
     def null_index(self, batch: int) -> torch.Tensor:

@@ -157,6 +157,7 @@ def phase1_payload(ctx, method=None, **extra) -> dict:
     payload = {
         "prompts": list(ctx.cond.prompts),
         "neutral": ctx.cond.neutral,
+        "pool_size": ctx.cond.pool_size,
         "cond": {k: v.detach().cpu() for k, v in _flatten_cond(ctx.cond.kwargs).items()},
         "generator": ctx.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
@@ -175,7 +176,8 @@ def apply_phase1(payload: dict, ctx, method=None) -> dict:
     from ..adapters.base import Conditioning
     from .checkpoint import _restore_cond
 
-    ctx.cond = Conditioning(payload["prompts"], _restore_cond(ctx.cond.kwargs, payload["cond"]), payload["neutral"])
+    ctx.cond = Conditioning(payload["prompts"], _restore_cond(ctx.cond.kwargs, payload["cond"]), payload["neutral"],
+                            payload["pool_size"])
     ctx.generator.set_state(payload["generator"])
     torch.set_rng_state(payload["torch_rng"])
     for sampler, state in zip((ctx.forget_sampler, ctx.retain_sampler), payload["samplers"]):

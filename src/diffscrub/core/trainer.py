@@ -322,6 +322,46 @@ def name_concept(run: Run, log) -> dict | None:
             "inversion_loss_last": result.losses[-1]}
 
 
+def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
+    """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them (its config's
+    ``vocab_anchors`` > 0): whole words of the first tokenizer, the concept's names left out, in the name
+    templates, drawn at random; or, when the config's ``vocab_candidates`` is larger, of that many such prompts
+    those whose word moves the teacher most, each template in turn.
+    Returns the record's figures, or ``None`` when none were added."""
+    from ..concept.vocabulary import anchor_prompts, strongest_per_base, vocabulary_words, word_effects
+
+    config, ctx, method_config = run.config, run.ctx, run.method_config
+    wanted = int(getattr(method_config, "vocab_anchors", 0) or 0)
+    if wanted <= 0:
+        return None
+    pairs = run.adapter.loaded_text_encoder_pairs()
+    if not pairs:
+        log(f"the {run.adapter.family} model has no text encoder: no vocabulary anchors")
+        return None
+    if inversion is not None:
+        names = list(inversion.get("nearest_words", []))[:config.name_words]
+    else:
+        names = (config.concept_prompt or "").split()
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
+    candidates = anchor_prompts(words, names, list(config.name_contexts),
+                                max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
+                                torch.Generator().manual_seed(seed))
+    if not candidates:
+        return None
+    figures = {"candidates": len(candidates), "left_out": names}
+    order = list(range(len(candidates)))
+    if len(candidates) > wanted:  # more drawn than kept: keep the words that move the teacher most
+        effects = word_effects(ctx, candidates, ctx.retain if ctx.retain is not None else ctx.forget,
+                               config.batch_size)
+        order = strongest_per_base(candidates, effects, wanted)
+        figures.update(effect_kept_min=float(effects[order].min()), effect_median=float(effects.median()))
+    prompts = [candidates[i][0] for i in order]
+    with torch.no_grad():
+        ctx.cond = ctx.cond.with_anchors(ctx.encode_prompts(prompts))
+    return {"count": len(prompts), "examples": prompts[:8], **figures}
+
+
 def erase(
     config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
 ) -> EraseResult:
@@ -378,6 +418,9 @@ def erase(
         once = dist.enabled and method.resumable_state
         t2 = time.perf_counter()
         inversion = name_concept(run, log) if main else None
+        anchors = add_vocab_anchors(run, inversion, log) if main else None
+        if anchors is not None:
+            inversion = {**(inversion or {}), "vocab_anchors": anchors}
         timing["inversion_s"] = time.perf_counter() - t2
         if dist.enabled and not once:
             inversion = distributed.apply_phase1(
@@ -490,7 +533,7 @@ def erase(
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
         "trainable_tensors": sum(1 for p in params if p.requires_grad),
         "prepare": prepare_figures,
-        "conditioning": {"mode": config.conditioning, "pool": ctx.cond.prompts, **(inversion or {})},
+        "conditioning": {"mode": config.conditioning, "pool": ctx.cond.prompts[:ctx.cond.pool_len], **(inversion or {})},
         "losses": history,
         "timing": timing,
         "memory": peak_memory_mb(device),

@@ -66,6 +66,19 @@ class TSSConfig:
         "concept's name taken out: \"7 on grass\" -> \"on grass\", \"7\" -> the null prompt; so a prompt naming the "
         "concept stops steering towards it anywhere in the image)",
     )
+    vocab_anchors: int = option(
+        0,
+        "vocabulary anchors: this many prompts, each one whole word of the tokenizer's vocabulary (never the "
+        "concept's names) put in one of the --name-contexts templates ('3 on grass'), under which the student is "
+        "held to the teacher on retain latents (forget latents without --retain), so that prompts naming other "
+        "things do not drift; 0: none",
+    )
+    vocab_candidates: int = option(
+        0,
+        "0: the anchors are a plain random draw; N > vocab_anchors: N prompts are drawn and the vocab_anchors whose "
+        "word changes the frozen teacher's prediction most, each template in turn, are kept",
+    )
+    lambda_v: float = option(1.0, "weight of the vocabulary-anchor term (with vocab_anchors > 0)")
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
     knn_area: float = option(0.1, "share of forget locations the knn mask keeps (its threshold is that quantile)")
 
@@ -91,6 +104,9 @@ class TSSConfig:
         check_range("tss.contrast_sample_steps", self.contrast_sample_steps, 1)
         check_choice("tss.fingerprint", self.fingerprint, FINGERPRINTS)
         check_range("tss.knn_k", self.knn_k, 1)
+        check_range("tss.vocab_anchors", self.vocab_anchors, 0)
+        check_range("tss.lambda_v", self.lambda_v, 0)
+        check_range("tss.vocab_candidates", self.vocab_candidates, 0)
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         if self.fingerprint == "knn" and self.mask_mode != "cached":

@@ -8,10 +8,14 @@ Phase 1 fits K prototypes to the frozen teacher's mid-depth features of the forg
     L_f = w(t) || M * (x0(S, z_t) - x0(T, z_t_blind)) ||^2   (inside: the teacher's inpainting)
     L_b = || (1 - M) * (S(z_t) - T(z_t)) ||^2   (outside: unchanged)
     L_r = || S(z_t^r) - T(z_t^r) ||^2           (retain anchor)
-    L   = lambda_f L_f + lambda_b L_b + lambda_r L_r
+    L_v = || S(z_t^v, c_v) - T(z_t^v, c_v) ||^2 (vocabulary anchors, optional)
+    L   = lambda_f L_f + lambda_b L_b + lambda_r L_r + lambda_v L_v
 
 with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means),
 ``x0(P, z)`` the clean latent a prediction P at z implies, and ``w(t) = clamp(SNR(t), floor, gamma)``.
+``c_v`` is a vocabulary-anchor prompt (``"3 on grass"``: a word of the tokenizer that is not the concept's
+name, see :mod:`diffscrub.concept.vocabulary`) and ``z_t^v`` a noisy retain latent (forget latent without
+retain images): the prompts users write about other things keep their drawing.
 
 Why not the seed's ``|| M * (S(z_t) - T(z_t_blind)) ||^2``: the two inputs differ inside the mask
 by ``a_t * M * (fill - z0)``, so a student that matches the teacher's *raw* prediction at the
@@ -227,6 +231,15 @@ class TeacherStudentScrubber(Method):
             t_r = ctx.timesteps(len(r_index))
             z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
 
+        anchor = ctx.anchor_index(b) if cfg.lambda_v > 0 else None  # [B] pool indices of anchor prompts
+        if anchor is not None:
+            source, sampler = (ctx.retain, ctx.retain_sampler) if ctx.retain is not None else (ctx.forget,
+                                                                                                ctx.forget_sampler)
+            z0v = source.sample(sampler.next(batch_size), ctx.generator).to(ctx.device)
+            t_v = ctx.timesteps(z0v.shape[0])
+            z_tv = ctx.schedule.add_noise(z0v, ctx.randn_like(z0v), t_v)
+            cond_v = ctx.cond.take(anchor)
+
         # Teacher targets. Inputs are concatenated along the batch so one call serves several targets.
         # Inside the mask the target is the teacher's inpainting under the null prompt, whatever prompt the
         # student sees: a prompt naming the concept must not bring it back through the conditional branch.
@@ -245,6 +258,8 @@ class TeacherStudentScrubber(Method):
         parts.append((z_t_blind, t, cond_null))
         if use_retain:
             parts.append((z_tr, t_r, self._keep_cond(prompt_r, cond_r)))
+        if anchor is not None:
+            parts.append((z_tv, t_v, cond_v))
         targets, _ = ctx.teacher_predict(
             torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), concat_kwargs([p[2] for p in parts])
         )
@@ -254,12 +269,13 @@ class TeacherStudentScrubber(Method):
             t_orig = chunks.pop(0)
         t_blind = chunks.pop(0)
 
-        # Student: forget and retain inputs in one call too.
-        s_in = [z_t] + ([z_tr] if use_retain else [])
-        s_t = [t] + ([t_r] if use_retain else [])
-        s_c = [cond] + ([cond_r] if use_retain else [])
-        student = ctx.student_predict(torch.cat(s_in), torch.cat(s_t), concat_kwargs(s_c))
-        s_forget = student[:b]
+        # Student: forget, retain and anchor inputs in one call too.
+        groups = [(z_t, t, cond)] + ([(z_tr, t_r, cond_r)] if use_retain else []) \
+            + ([(z_tv, t_v, cond_v)] if anchor is not None else [])
+        student = ctx.student_predict(torch.cat([g[0] for g in groups]), torch.cat([g[1] for g in groups]),
+                                      concat_kwargs([g[2] for g in groups]))
+        s_parts = list(torch.split(student, [g[0].shape[0] for g in groups]))
+        s_forget = s_parts.pop(0)
 
         loss_f = forget_loss(ctx.schedule, cfg.forget_target, s_forget, z_t, t_blind, z_t_blind, t, mask,
                              cfg.snr_gamma, cfg.snr_floor)
@@ -267,9 +283,13 @@ class TeacherStudentScrubber(Method):
         total = cfg.lambda_f * loss_f + cfg.lambda_b * loss_b
         terms = {"forget": loss_f.detach(), "background": loss_b.detach()}
         if use_retain:
-            loss_r = (student[b:] - chunks.pop(0)).pow(2).mean()
+            loss_r = (s_parts.pop(0) - chunks.pop(0)).pow(2).mean()
             total = total + cfg.lambda_r * loss_r
             terms["retain"] = loss_r.detach()
+        if anchor is not None:
+            loss_v = (s_parts.pop(0) - chunks.pop(0)).pow(2).mean()
+            total = total + cfg.lambda_v * loss_v
+            terms["vocab_anchor"] = loss_v.detach()
         terms["mask_area"] = mask.mean().detach()
         return total, terms
 

@@ -1,0 +1,100 @@
+"""Vocabulary anchors: prompts the erased model must still draw as the original did.
+
+Erasing under prompts that name the concept moves weights that every prompt goes through (the
+text-to-image projections above all), so prompts that name other things drift too. Nobody gave
+the user a list of the other things; the tokenizer's vocabulary is that list. Anchor prompts
+are whole words of the vocabulary, the concept's names left out, put in the same templates as
+the names (``"{} on grass"`` -> ``"3 on grass"``); a method holds the student to the teacher
+under them. This is the latent-anchoring idea of SPM (Lyu et al., 2024), which samples
+surrogate concepts from a large vocabulary to preserve what is not erased.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .inversion import PLACEHOLDER, _word_of
+
+
+def vocabulary_words(tokenizer) -> list[str]:
+    """Distinct whole words of ``tokenizer``'s vocabulary, in id order (no word pieces, bytes or specials)."""
+    special = set(tokenizer.all_special_tokens)
+    words: dict[str, None] = {}
+    for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
+        if token in special:
+            continue
+        word = _word_of(token)
+        if word is not None:
+            words.setdefault(word)
+    return list(words)
+
+
+def _fill(context: str, word: str) -> str:
+    return " ".join(context.format(word).split())
+
+
+def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: int,
+                   generator: torch.Generator) -> list[tuple[str, str]]:
+    """``n`` distinct prompts (fewer when the vocabulary is small), each with its base: a template of
+    ``contexts`` filled with one word of ``words`` (never one of ``names``, compared case-insensitively, or the
+    placeholder), and the same template without the word (``("3 on grass", "on grass")``, ``("3", "")``).
+
+    Drawn without replacement from every (word, template) pair with ``generator``.
+    """
+    left_out = {name.lower() for name in names} | {PLACEHOLDER}
+    kept = [w for w in words if w.lower() not in left_out]
+    pairs = [(w, c) for w in kept for c in contexts]
+    order = torch.randperm(len(pairs), generator=generator)[:n].tolist()
+    prompts: dict[str, str] = {}
+    for i in order:
+        word, context = pairs[i]
+        prompts.setdefault(_fill(context, word), _fill(context, ""))
+    return list(prompts.items())
+
+
+@torch.no_grad()
+def word_effects(ctx, prompts: list[tuple[str, str]], latents, batch_size: int, draws: int = 4) -> torch.Tensor:
+    """How much each anchor prompt's word changes the frozen teacher: ``[P]``, the mean over ``draws`` noisy
+    latents of ``|| T(z_t, prompt) - T(z_t, base) ||^2`` (element means).
+
+    A word the model never learned to draw ("x", "the") leaves the prediction where its base puts it; holding
+    the student to the teacher under it holds the base prompt once more (for ``"{}"``: the null prompt, under
+    which the concept is drawn too) and anchors nothing else. Every prompt is scored on the same ``draws``
+    noisy latents (``latents`` is a :class:`LatentCache`; ``t`` in ``[200, 800)`` of the 1000-step schedule,
+    where the prompt decides what is drawn): the spread of the error over ``t`` would otherwise swamp the
+    differences between words. Cost: ``draws * (P + bases)`` teacher evaluations.
+    """
+    filled = ctx.encode_prompts([p for p, _ in prompts])
+    bases = sorted({b for _, b in prompts})
+    base_cond = ctx.encode_prompts(bases)
+    base_index = torch.tensor([bases.index(b) for _, b in prompts])
+    pick = torch.randint(0, len(latents), (draws,), generator=ctx.generator)
+    z0 = latents.mean[pick].to(ctx.device)  # [D, C, H, W]
+    t = ctx.timesteps(draws, 200, 800)
+    z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
+    total = torch.zeros(len(prompts))
+    for d in range(draws):
+        def at_draw(n):
+            return z_t[d:d + 1].expand(n, *z_t.shape[1:]), t[d:d + 1].expand(n)
+
+        base_pred = torch.cat([
+            ctx.teacher_predict(*at_draw(min(batch_size, len(bases) - s)), base_cond.take(torch.arange(s, min(len(bases), s + batch_size))))[0]
+            for s in range(0, len(bases), batch_size)
+        ])  # [bases, C', H, W]
+        for start in range(0, len(prompts), batch_size):
+            rows = torch.arange(start, min(len(prompts), start + batch_size))
+            pred, _ = ctx.teacher_predict(*at_draw(len(rows)), filled.take(rows))
+            total[rows] += (pred - base_pred[base_index[rows]]).pow(2).flatten(1).mean(1).cpu()
+    return total / draws
+
+
+def strongest_per_base(prompts: list[tuple[str, str]], effects: torch.Tensor, n: int) -> list[int]:
+    """Indices of ``n`` prompts: the strongest words of each base (template) in turn, so that every template
+    keeps its share. A template whose texture mutes every word's effect ("{} on gravel") would otherwise lose
+    its anchors to louder ones, and its prompts are the ones that drift most (measured on toy-unet)."""
+    groups: dict[str, list[int]] = {}
+    for i in torch.argsort(effects, descending=True).tolist():
+        groups.setdefault(prompts[i][1], []).append(i)
+    ranked = [group[rank] for rank in range(max(map(len, groups.values()), default=0))
+              for group in groups.values() if rank < len(group)]
+    return ranked[:n]
