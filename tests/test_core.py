@@ -469,6 +469,10 @@ def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
     assert figures["count"] == 6 == len(ctx.cond.anchor_prompts) and figures["left_out"] == [name]
     assert figures["candidates"] == 12 and figures["effect_kept_min"] > 0  # chosen by the teacher's effect
     assert ctx.cond.pool_len == 1 and all(name not in p.split() for p in ctx.cond.anchor_prompts)
+    # each anchor's conditioning is its own prompt's (taken from the candidates' encoding by index)
+    fresh = ctx.encode_prompts(ctx.cond.anchor_prompts).kwargs["encoder_hidden_states"]
+    kept = ctx.cond.take(torch.arange(1, 7))["encoder_hidden_states"]
+    assert torch.allclose(kept, fresh, atol=1e-6)
     run.method.prepare(batch_size=2)
     taken, take = [], ctx.cond.take
     ctx.cond.take = lambda index: taken.append(index.tolist()) or take(index)

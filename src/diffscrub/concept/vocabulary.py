@@ -53,38 +53,35 @@ def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: i
 
 
 @torch.no_grad()
-def word_effects(ctx, prompts: list[tuple[str, str]], latents, batch_size: int, draws: int = 4) -> torch.Tensor:
+def word_effects(ctx, filled, bases_of: list[str], latents, batch_size: int, draws: int = 4) -> torch.Tensor:
     """How much each anchor prompt's word changes the frozen teacher: ``[P]``, the mean over ``draws`` noisy
     latents of ``|| T(z_t, prompt) - T(z_t, base) ||^2`` (element means).
 
-    A word the model never learned to draw ("x", "the") leaves the prediction where its base puts it; holding
-    the student to the teacher under it holds the base prompt once more (for ``"{}"``: the null prompt, under
-    which the concept is drawn too) and anchors nothing else. Every prompt is scored on the same ``draws``
-    noisy latents (``latents`` is a :class:`LatentCache`; ``t`` in ``[200, 800)`` of the 1000-step schedule,
-    where the prompt decides what is drawn): the spread of the error over ``t`` would otherwise swamp the
-    differences between words. Cost: ``draws * (P + bases)`` teacher evaluations.
+    ``filled`` is the encoded :class:`~diffscrub.adapters.base.Conditioning` of the ``P`` prompts and
+    ``bases_of[p]`` the base of prompt ``p`` (its template without the word). A word the model never learned
+    to draw ("x", "the") leaves the prediction where its base puts it; holding the student to the teacher
+    under it holds the base prompt once more (for ``"{}"``: the null prompt, under which the concept is drawn
+    too) and anchors nothing else. Every prompt is scored on the same ``draws`` noisy latents (``latents`` is
+    a :class:`LatentCache`; ``t`` in ``[200, 800)`` of the 1000-step schedule, where the prompt decides what is
+    drawn): the spread of the error over ``t`` would otherwise swamp the differences between words.
+    Cost: ``draws * (P + bases)`` teacher evaluations.
     """
-    filled = ctx.encode_prompts([p for p, _ in prompts])
-    bases = sorted({b for _, b in prompts})
-    base_cond = ctx.encode_prompts(bases)
-    base_index = torch.tensor([bases.index(b) for _, b in prompts])
+    n = len(bases_of)
+    bases = sorted(set(bases_of))
+    both = filled.extend(ctx.encode_prompts(bases))  # the P prompts, then their distinct bases
+    base_row = n + torch.tensor([bases.index(b) for b in bases_of])  # [P] rows of ``both``
     pick = torch.randint(0, len(latents), (draws,), generator=ctx.generator)
     z0 = latents.mean[pick].to(ctx.device)  # [D, C, H, W]
     t = ctx.timesteps(draws, 200, 800)
     z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
-    total = torch.zeros(len(prompts))
+    total = torch.zeros(n)
     for d in range(draws):
-        def at_draw(n):
-            return z_t[d:d + 1].expand(n, *z_t.shape[1:]), t[d:d + 1].expand(n)
-
-        base_pred = torch.cat([
-            ctx.teacher_predict(*at_draw(min(batch_size, len(bases) - s)), base_cond.take(torch.arange(s, min(len(bases), s + batch_size))))[0]
-            for s in range(0, len(bases), batch_size)
-        ])  # [bases, C', H, W]
-        for start in range(0, len(prompts), batch_size):
-            rows = torch.arange(start, min(len(prompts), start + batch_size))
-            pred, _ = ctx.teacher_predict(*at_draw(len(rows)), filled.take(rows))
-            total[rows] += (pred - base_pred[base_index[rows]]).pow(2).flatten(1).mean(1).cpu()
+        preds = torch.cat([
+            ctx.teacher_predict(z_t[d:d + 1].expand(len(rows), *z_t.shape[1:]), t[d:d + 1].expand(len(rows)),
+                                both.take(rows))[0]
+            for rows in torch.arange(len(both)).split(batch_size)
+        ])  # [P + bases, C', H, W]: every prompt at the same z_t
+        total += (preds[:n] - preds[base_row]).pow(2).flatten(1).mean(1).cpu()
     return total / draws
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import adapter_for
+from ..adapters.base import Conditioning
 from ..config import EraseConfig, build, to_dict
 from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
@@ -350,15 +351,16 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     if not candidates:
         return None
     figures = {"candidates": len(candidates), "left_out": names}
+    with torch.no_grad():  # encoded once: the effects are read under these, and the kept ones are taken from them
+        encoded = ctx.encode_prompts([prompt for prompt, _ in candidates])
     order = list(range(len(candidates)))
     if len(candidates) > wanted:  # more drawn than kept: keep the words that move the teacher most
-        effects = word_effects(ctx, candidates, ctx.retain if ctx.retain is not None else ctx.forget,
-                               config.batch_size)
+        effects = word_effects(ctx, encoded, [base for _, base in candidates],
+                               ctx.retain if ctx.retain is not None else ctx.forget, config.batch_size)
         order = strongest_per_base(candidates, effects, wanted)
         figures.update(effect_kept_min=float(effects[order].min()), effect_median=float(effects.median()))
     prompts = [candidates[i][0] for i in order]
-    with torch.no_grad():
-        ctx.cond = ctx.cond.with_anchors(ctx.encode_prompts(prompts))
+    ctx.cond = ctx.cond.with_anchors(Conditioning(prompts, encoded.take(torch.tensor(order))))
     return {"count": len(prompts), "examples": prompts[:8], **figures}
 
 
