@@ -385,6 +385,35 @@ def test_name_prompts_put_names_in_contexts_with_neutral_forms():
     assert by["gravel on grass"] == "gravel on grass" and by["and"] == "and" and by["on grass"] == "on grass"
 
 
+def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
+    """--names: the names go in every template with their neutral forms, no inversion runs, no learned token,
+    and the vocabulary anchors leave every given name out."""
+    import diffscrub.concept.inversion as inversion
+    from diffscrub.core.trainer import add_vocab_anchors, name_concept, setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    monkeypatch.setattr(inversion, "invert_concept", lambda *a, **k: pytest.fail("inversion ran despite --names"))
+    tok = build_tiny_pipeline("sd").tokenizer
+    seven, other = (tok.convert_ids_to_tokens(i).replace("</w>", "") for i in (300, 301))
+    cfg = EraseConfig(model="sd", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", names=[seven, f" {other} "],
+                      name_contexts=["{}", "{} on grass"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "vocab_anchors": 40},
+                    pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    record = name_concept(run, log=lambda m: None)
+    assert record == {"given_names": [seven, other]}
+    cond = run.ctx.cond
+    assert inversion.PLACEHOLDER not in " ".join(cond.prompts)
+    by = {p: cond.prompts[cond.neutral[i]] for i, p in enumerate(cond.prompts)}
+    assert by[seven] == "" and by[f"{other} on grass"] == "on grass" and by["on grass"] == "on grass"
+    fresh = run.ctx.encode_prompts([f"{seven} on grass"]).kwargs["encoder_hidden_states"]
+    taken = cond.take(torch.tensor([cond.prompts.index(f"{seven} on grass")]))["encoder_hidden_states"]
+    assert torch.allclose(taken, fresh, atol=1e-6)
+    anchors = add_vocab_anchors(run, record, log=lambda m: None)
+    assert anchors["left_out"] == [seven, other]
+    assert not {seven, other} & {w for p in run.ctx.cond.anchor_prompts for w in p.split()}
+
+
 def test_conditioning_extend_offsets_neutral_forms():
     from diffscrub.adapters.base import Conditioning
 
@@ -597,6 +626,9 @@ def test_boolean_defaults_can_be_turned_off(tmp_path):
     ({"name_contexts": ["on grass"]}, "exactly one '{}'"),
     ({"name_contexts": ["{} and {}"]}, "exactly one '{}'"),
     ({"name_contexts": []}, "name_contexts is empty"),
+    ({"names": ["7"], "conditioning": "null"}, "drop --names or use --conditioning auto"),
+    ({"names": ["7 {}"]}, "without braces"),
+    ({"names": [" "]}, "non-empty"),
 ])
 def test_config_rejects(values, match):
     with pytest.raises(ConfigError, match=match):
@@ -696,6 +728,7 @@ def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
     forget = str(_images(tmp_path / "forget"))
     out = tmp_path / "out"
     base = ["erase", "--model", model, "--forget", forget, "--quiet"]
+    capsys.readouterr()  # what building the fixtures printed (a library's first-import notice) is not ours
 
     assert main(["erase", "--model", model, "--forget", str(tmp_path / "none"), "--out", str(out)]) == 2
     err = _err(capsys)
@@ -720,6 +753,10 @@ def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
     Image.fromarray(np.zeros((48, 40, 3), dtype=np.uint8)).save(mixed / "big.png")
     assert main(["erase", "--model", model, "--forget", str(mixed), "--out", str(tmp_path / "o4"), "--quiet"]) == 2
     assert "--resolution" in _err(capsys)
+
+    assert main(base + ["--out", str(tmp_path / "o5"), "--method", "sfd", "--concept-prompt", "x", "--names", "x"]) == 2
+    err = _err(capsys)
+    assert "drop --names" in err and "\n" not in err and not (tmp_path / "o5").exists()
 
 
 def test_overwrite_replaces_only_when_complete(tiny_pipeline_dirs, tmp_path, monkeypatch):

@@ -203,6 +203,10 @@ class EraseConfig:
     name_contexts: list[str] = option(["{}"], "templates the names are put in, '{}' marking the name (comma-separated, "
                                       "e.g. '{},{} on grass'); a filled template's neutral form is the template "
                                       "without the name")
+    names: list[str] = option([], "the concept's names when you know them (comma-separated, e.g. '7,seven'): they take "
+                              "the place of the words textual inversion finds, in every --name-contexts template, and "
+                              "no inversion runs (also for a second pass over a model already erased, where the "
+                              "inversion no longer finds the concept's name)")
     prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
     concept_prompt: str | None = option(None, "the concept's name, for methods that need one (attention, sfd, esd)")
     anchor_prompt: str = option("", "what to draw instead of the concept, for methods that need one (\"\" = null prompt)")
@@ -250,6 +254,14 @@ class EraseConfig:
             check_range("resolution", self.resolution, 8)
             if self.resolution % 8:
                 raise ConfigError(f"resolution={self.resolution} must be a multiple of 8")
+        if self.names:
+            if self.conditioning not in ("auto", "inversion"):
+                raise ConfigError(f"names are put in the conditioning pool of conditioning 'auto' or 'inversion', "
+                                  f"not {self.conditioning!r}: drop --names or use --conditioning auto")
+            for name in self.names:
+                if not name.strip() or "{" in name or "}" in name:
+                    raise ConfigError(f"name {name!r} must be a non-empty word or phrase without braces: "
+                                      "e.g. --names '7,seven'")
         if self.conditioning == "prompts" and not self.prompts:
             raise ConfigError("conditioning='prompts' needs prompts: pass --prompts 'a photo,a drawing'")
 

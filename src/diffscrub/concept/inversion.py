@@ -67,7 +67,7 @@ def nearest_words(embedding_matrix: torch.Tensor, vector: torch.Tensor, tokenize
 
 
 def name_prompts(words: list[str], name_words: int, contexts: list[str],
-                 pool: list[str]) -> tuple[list[str], list[int]]:
+                 pool: list[str], placeholder: bool = True) -> tuple[list[str], list[int]]:
     """The prompts the inversion adds to ``pool``, and for every prompt of the grown pool the index of its
     neutral form.
 
@@ -76,9 +76,10 @@ def name_prompts(words: list[str], name_words: int, contexts: list[str],
     neutral form is the template with the name taken out (``"on grass"``; ``""``, the null prompt, for
     ``"{}"``). The remaining words go in every template too, each filled template its own neutral form:
     they are what the forget images share besides the concept (their clutter, the concept's look-alikes),
-    and the student learns to keep them as the teacher draws them.
+    and the student learns to keep them as the teacher draws them. ``placeholder=False``: names given by the
+    user, no learned token among them.
     """
-    names = words[:name_words] + [PLACEHOLDER]
+    names = words[:name_words] + ([PLACEHOLDER] if placeholder else [])
     grown = list(pool)
 
     def index_of(prompt: str) -> int:

@@ -84,6 +84,9 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     for need, flag in (("retain", config.retain), ("concept_prompt", config.concept_prompt)):
         if need in method_cls.needs and not flag:
             raise ConfigError(f"method {method_cls.name!r} needs {INPUTS[need]}")
+    if config.names and config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):
+        raise ConfigError(f"method {method_cls.name!r} keeps its conditioning pool as the model draws it, so names "
+                          "there would be preserved, not erased: drop --names (name the concept with --concept-prompt)")
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
@@ -292,7 +295,8 @@ def setup_run(
 
 
 def name_concept(run: Run, log) -> dict | None:
-    """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool."""
+    """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool
+    (with ``--names``, the given names instead of the inversion's)."""
     from ..concept.inversion import invert_concept
 
     config, ctx = run.config, run.ctx
@@ -306,6 +310,16 @@ def name_concept(run: Run, log) -> dict | None:
             raise ConfigError(f"conditioning='inversion' needs a text encoder; the {run.adapter.family} model has "
                               "none: use --conditioning null")
         return None
+    if config.names:  # the user's names: no inversion, no learned token
+        from ..concept.inversion import name_prompts
+
+        names = [" ".join(name.split()) for name in config.names]
+        prompts, neutral = name_prompts(names, len(names), list(config.name_contexts), list(ctx.cond.prompts),
+                                        placeholder=False)
+        ctx.cond = ctx.cond.extend(ctx.encode_prompts(prompts))
+        ctx.cond.neutral = neutral
+        log(f"names given: {', '.join(names)}")
+        return {"given_names": names}
     bar = _Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
     try:
         result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
@@ -340,7 +354,7 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
         log(f"the {run.adapter.family} model has no text encoder: no vocabulary anchors")
         return None
     if inversion is not None:
-        names = list(inversion.get("nearest_words", []))[:config.name_words]
+        names = inversion.get("given_names") or list(inversion.get("nearest_words", []))[:config.name_words]
     else:
         names = (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
