@@ -413,6 +413,14 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
     assert anchors["left_out"] == [seven, other]
     assert not {seven, other} & {w for p in run.ctx.cond.anchor_prompts for w in p.split()}
 
+    # a model without a text encoder (DiT) has nowhere to put names: refused, not ignored
+    cfg = EraseConfig(model="dit", forget=str(tmp_path / "f"), out=str(tmp_path / "o2"), steps=1, batch_size=2,
+                      quiet=True, device="cpu", names=["7"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("dit"),
+                    log=lambda m: None)
+    with pytest.raises(ConfigError, match="--names needs a text encoder; the dit model has none"):
+        name_concept(run, log=lambda m: None)
+
 
 def test_conditioning_extend_offsets_neutral_forms():
     from diffscrub.adapters.base import Conditioning

@@ -309,6 +309,8 @@ def name_concept(run: Run, log) -> dict | None:
         if config.conditioning == "inversion":
             raise ConfigError(f"conditioning='inversion' needs a text encoder; the {run.adapter.family} model has "
                               "none: use --conditioning null")
+        if config.names:  # names are text: a class-conditional model has nowhere to put them
+            raise ConfigError(f"--names needs a text encoder; the {run.adapter.family} model has none: drop --names")
         return None
     if config.names:  # the user's names: no inversion, no learned token
         from ..concept.inversion import name_prompts
