@@ -422,6 +422,64 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
         name_concept(run, log=lambda m: None)
 
 
+def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
+    """--name-samples: the model draws the prompts that name the concept (round robin, in chunks of the batch,
+    no placeholder); their latents join the forget set and its epochs, and a checkpoint brings them back."""
+    from diffscrub.core.checkpoint import restore_forget_extra, save_checkpoint
+    from diffscrub.core.trainer import add_name_samples, name_concept, setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    tok = build_tiny_pipeline("sd").tokenizer
+    seven = tok.convert_ids_to_tokens(300).replace("</w>", "")
+    forget = _images(tmp_path / "f")
+    n_images = len(list(forget.iterdir()))
+
+    def start():
+        cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2,
+                          quiet=True, device="cpu", names=[seven], name_contexts=["{}", "{} on grass"], name_samples=3)
+        run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("sd"),
+                        log=lambda m: None)
+        name_concept(run, log=lambda m: None)
+        return run
+
+    run = start()
+    calls, drawn = [], []
+
+    def generate(prompts, image_hw, *, steps, seed):
+        calls.append(list(prompts))
+        images = torch.rand(len(prompts), 3, *image_hw, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        drawn.append(images)
+        return images
+
+    monkeypatch.setattr(run.adapter, "generate", generate)
+    record = add_name_samples(run, log=lambda m: None)
+    assert record["count"] == 3 and record["prompts"] == [seven, f"{seven} on grass"]
+    assert calls == [[seven, f"{seven} on grass"], [seven]]
+    ctx = run.ctx
+    assert len(ctx.forget) == n_images + 3
+    expected, _ = run.adapter.encode_moments(torch.cat(drawn))
+    assert torch.allclose(ctx.forget.mean[n_images:], expected, atol=1e-5)
+    assert sorted(ctx.forget_sampler.next(n_images + 3).tolist()) == list(range(n_images + 3))
+
+    folder = save_checkpoint(tmp_path / "ck", 1, student=ctx.student, optimizer=torch.optim.AdamW(run.params),
+                             ctx=ctx, method=run.method, history=[], identity="x")
+    again = start()
+    restore_forget_extra(folder, again.ctx)
+    assert len(again.ctx.forget) == n_images + 3
+    assert torch.equal(again.ctx.forget.mean, ctx.forget.mean) and torch.equal(again.ctx.forget.std, ctx.forget.std)
+
+    # a run that names nothing has nothing to draw: refused in one line, not skipped
+    cfg = EraseConfig(model="dit", forget=str(forget), out=str(tmp_path / "o2"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", name_samples=2)
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("dit"),
+                    log=lambda m: None)
+    assert name_concept(run, log=lambda m: None) is None
+    with pytest.raises(ConfigError, match="--name-samples draws prompts that name the concept"):
+        add_name_samples(run, log=lambda m: None)
+    with pytest.raises(ConfigError, match="drop --name-samples or use --conditioning auto"):
+        EraseConfig(model="sd", forget="f", out="o", conditioning="null", name_samples=4)
+
+
 def test_conditioning_extend_offsets_neutral_forms():
     from diffscrub.adapters.base import Conditioning
 

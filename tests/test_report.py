@@ -18,7 +18,7 @@ from diffscrub.report import build_report, render_report, svg_line_chart
 
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
 BROWSER_TIMEOUT_S = 60
-SECTIONS = ("Summary", "Evaluation", "Before and after, same seeds", "Detector masks on forget images",
+SECTIONS = ("Summary", "Evaluation", "Before and after, same seeds", "The concept", "Detector masks on forget images",
             "Loss curves", "Run configuration")
 
 
@@ -119,6 +119,47 @@ def test_report_sections_and_only_data_uris(run_dir):
     assert "reference &minus; erased" in page
     # sets in the evaluation's order, although metrics.json keeps its keys sorted
     assert page.index("<h3>null prompts") < page.index("<h3>concept prompts") < page.index("<h3>other prompts")
+
+
+def test_report_says_what_the_concept_was_taken_to_be(run_dir):
+    """The words found for the concept, the pool, the images drawn of its names, the anchors and the prototypes
+    kept; masks of drawn images are not mistaken for a changed forget folder."""
+    from safetensors.torch import load_file, save_file
+
+    record = json.loads((run_dir / "diffscrub.json").read_text())
+    record["config"]["name_words"] = 1
+    record["tss"].update(fingerprint="knn", contrast_ratio=2.0)
+    record["conditioning"] = {"mode": "auto", "nearest_words": ["7", "and", "gra<vel"],
+                              "pool": ["", "7", "<concept>", "7 on grass"],
+                              "name_samples": {"count": 2, "prompts": ["7", "7 on grass"], "steps": 20},
+                              "vocab_anchors": {"count": 3, "examples": ["q on brick", "two"], "left_out": ["7"]}}
+    record["prepare"] = {"prototypes_kept": 1, "prototype_selection": {
+        "forget_rate": [0.30, 0.10], "retain_rate": [0.05, 0.12], "kept": [True, False]}}
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    artifacts = load_file(str(run_dir / "diffscrub_artifacts.safetensors"))
+    masks = artifacts["forget_masks"]
+    artifacts["forget_masks"] = torch.cat([masks, torch.ones(2, *masks.shape[1:])])  # 5 folder + 2 drawn
+    save_file(artifacts, str(run_dir / "diffscrub_artifacts.safetensors"))
+
+    page = render_report(run_dir)
+    concept = page[page.index("<h2>The concept</h2>"):page.index("<h2>Detector masks")]
+    assert "Your forget folder looks like: <b>7</b>, <b>and</b>, <b>gra&lt;vel</b>" in concept
+    assert "The first 1 counted as the concept's names" in concept
+    assert "Conditioning pool (4 prompts): <code>(null prompt)</code>, <code>7</code>, <code>&lt;concept&gt;</code>" in concept
+    assert "drew 2 images of <code>7</code>, <code>7 on grass</code>" in concept
+    assert "3 vocabulary anchors" in concept and "left out: <b>7</b>" in concept
+    assert "Prototypes kept: 1 of 2" in concept and "at least 2.0 times" in concept and "--fingerprint knn" in concept
+    rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)%</td><td>([\d.]+)%</td><td>(\w+)</td></tr>", concept)
+    assert rows == [("0", "30.0", "5.0", "kept"), ("1", "10.0", "12.0", "dropped")]
+    masks_part = page[page.index("<h2>Detector masks"):page.index("<h2>Loss curves")]
+    assert "The last 2 masks belong to the images the model drew" in masks_part
+    assert "folder changed" not in masks_part and len(_img_srcs(masks_part)) == 2 * 5
+
+    record["conditioning"] = {"mode": "auto", "given_names": ["7", "seven"], "pool": [""]}
+    del record["prepare"]
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    concept = render_report(run_dir).split("<h2>The concept</h2>")[1]
+    assert "Names given with --names: <b>7</b>, <b>seven</b>" in concept and "Prototypes kept" not in concept.split("<h2>")[0]
 
 
 def test_overlay_marks_the_mask_red(run_dir):

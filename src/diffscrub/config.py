@@ -207,6 +207,9 @@ class EraseConfig:
                               "the place of the words textual inversion finds, in every --name-contexts template, and "
                               "no inversion runs (also for a second pass over a model already erased, where the "
                               "inversion no longer finds the concept's name)")
+    name_samples: int = option(0, "images the model draws itself of the prompts naming the concept (its names in the "
+                               "--name-contexts templates), added to the forget images before the fingerprint: they "
+                               "show the concept as those prompts draw it, which the forget folder's clutter may not")
     prompts: list[str] = option([], "extra prompts for the conditioning pool (comma-separated on the command line)")
     concept_prompt: str | None = option(None, "the concept's name, for methods that need one (attention, sfd, esd)")
     anchor_prompt: str = option("", "what to draw instead of the concept, for methods that need one (\"\" = null prompt)")
@@ -262,6 +265,10 @@ class EraseConfig:
                 if not name.strip() or "{" in name or "}" in name:
                     raise ConfigError(f"name {name!r} must be a non-empty word or phrase without braces: "
                                       "e.g. --names '7,seven'")
+        check_range("name_samples", self.name_samples, 0)
+        if self.name_samples and self.conditioning not in ("auto", "inversion"):
+            raise ConfigError(f"name samples are drawn from the prompts naming the concept, which conditioning "
+                              f"{self.conditioning!r} does not make: drop --name-samples or use --conditioning auto")
         if self.conditioning == "prompts" and not self.prompts:
             raise ConfigError("conditioning='prompts' needs prompts: pass --prompts 'a photo,a drawing'")
 

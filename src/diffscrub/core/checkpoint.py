@@ -27,6 +27,7 @@ import torch
 from ..errors import InputError
 
 PREFIX = "step-"
+FORGET_EXTRA = "forget_extra"  # state.safetensors keys of the images added to the forget set in phase 1
 
 
 def checkpoint_root(out: str | pathlib.Path) -> pathlib.Path:
@@ -136,6 +137,9 @@ def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimiz
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
     tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     tensors.update({k: v.detach().cpu().contiguous() for k, v in _flatten_cond(ctx.cond.kwargs).items()})
+    if ctx.forget_extra is not None:  # images drawn in phase 1 (--name-samples): random, so kept, not redrawn
+        tensors.update({f"{FORGET_EXTRA}.mean": ctx.forget_extra.mean.contiguous(),
+                        f"{FORGET_EXTRA}.std": ctx.forget_extra.std.contiguous()})
     save_file(unshared(tensors), str(tmp / "state.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     meta = {
@@ -166,6 +170,17 @@ def complete_checkpoints(root: pathlib.Path) -> list[pathlib.Path]:
         if meta.get("complete") and (d / "state.safetensors").is_file() and (d / "optimizer.pt").is_file():
             out.append(d)
     return sorted(out, key=lambda d: d.name)
+
+
+def restore_forget_extra(folder: pathlib.Path, ctx) -> None:
+    """Add the forget images a run drew in phase 1 back to ``ctx`` (before the method prepares over them)."""
+    from safetensors import safe_open
+
+    from .context import LatentCache
+
+    with safe_open(str(folder / "state.safetensors"), framework="pt") as fh:
+        if f"{FORGET_EXTRA}.mean" in fh.keys():
+            ctx.add_forget(LatentCache(fh.get_tensor(f"{FORGET_EXTRA}.mean"), fh.get_tensor(f"{FORGET_EXTRA}.std")))
 
 
 def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, identity: str) -> dict[str, Any]:

@@ -45,6 +45,10 @@ class LatentCache:
             stds.append(s.cpu())
         return cls(torch.cat(means), torch.cat(stds))
 
+    def extend(self, other: "LatentCache") -> "LatentCache":
+        """This cache with ``other``'s images after its own (same split over processes)."""
+        return LatentCache(torch.cat([self.mean, other.mean]), torch.cat([self.std, other.std]), self.rank, self.world)
+
     def sample(self, index: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """A fresh posterior sample for images ``index [B]``: ``[B, C, H, W]``.
 
@@ -132,6 +136,8 @@ class ErasureContext:
     world: int = 1
     student_forward: Any = None
     teacher_forward: Any = None
+    #: images added to ``forget`` after it was encoded (``--name-samples``), kept apart for checkpoints.
+    forget_extra: LatentCache | None = None
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)
@@ -151,6 +157,12 @@ class ErasureContext:
         for part in (self.forget, self.retain, self.forget_sampler, self.retain_sampler):
             if part is not None:
                 part.rank, part.world = rank, world
+
+    def add_forget(self, extra: LatentCache) -> None:
+        """Append images to the forget set before any batch is drawn (the sampler's epochs then cover them)."""
+        self.forget = self.forget.extend(extra)
+        self.forget_extra = extra if self.forget_extra is None else self.forget_extra.extend(extra)
+        self.forget_sampler.n = len(self.forget)
 
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Conditioning for extra prompts (e.g. a method's concept and anchor), on the run's device."""

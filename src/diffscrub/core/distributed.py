@@ -184,6 +184,7 @@ def apply_phase1(payload: dict, ctx, method=None) -> dict:
         if sampler is not None and state is not None:
             sampler.load_state_dict(state)
     ctx.forget.mean, ctx.forget.std = payload["forget"]
+    ctx.forget_sampler.n = len(ctx.forget)  # phase 1 may have added images (--name-samples)
     if payload["retain"] is not None:
         ctx.retain.mean, ctx.retain.std = payload["retain"]
     if method is not None and payload["method"] is not None:

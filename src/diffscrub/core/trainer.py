@@ -30,7 +30,7 @@ from ..methods import INPUTS, METHODS
 from . import distributed
 from .context import ErasureContext, LatentCache
 from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
-                         run_identity, save_checkpoint, unshared)
+                         restore_forget_extra, run_identity, save_checkpoint, unshared)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -339,6 +339,47 @@ def name_concept(run: Run, log) -> dict | None:
             "inversion_loss_last": result.losses[-1]}
 
 
+NAME_SAMPLE_STEPS = 20  # sampler steps for --name-samples (the pipeline's own sampler and guidance)
+
+
+def add_name_samples(run: Run, log) -> dict | None:
+    """Draw ``config.name_samples`` images of the pool's prompts that name the concept (round robin over them)
+    with the model as it is before training, and add them to the forget images.
+
+    Why: the forget folder shows the concept among clutter, as it was photographed; a prompt naming the concept
+    draws it as the model draws it (alone, centred, in the prompt's setting). The masks, the fingerprint and the
+    distillation then also see the concept where the prompts put it. Only word prompts are drawn: the inversion's
+    placeholder is not in the pipeline's tokenizer. Returns the record's figures, or ``None``."""
+    from ..concept.inversion import PLACEHOLDER
+
+    config, ctx = run.config, run.ctx
+    wanted = config.name_samples
+    if not wanted:
+        return None
+    cond = ctx.cond
+    named = [p for i, p in enumerate(cond.prompts[:cond.pool_len])
+             if cond.neutral is not None and cond.neutral[i] != i and PLACEHOLDER not in p]
+    if not named:
+        raise ConfigError("--name-samples draws prompts that name the concept, and this run has none (the model "
+                          "has no text encoder, or the method keeps no names): drop --name-samples, or pass --names")
+    prompts = [named[i % len(named)] for i in range(wanted)]
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    batch = config.batch_size
+    bar = _Progress(wanted, "phase 1: drawing the named concept", config.quiet)
+    chunks = []
+    try:
+        with ctx.adapter.eval_mode(ctx.student):  # the student is still the teacher here
+            for start in range(0, wanted, batch):  # in chunks of the batch: a whole set at once may not fit at 1024 px
+                chunks.append(ctx.adapter.generate(prompts[start:start + batch], ctx.image_hw,
+                                                   steps=NAME_SAMPLE_STEPS, seed=seed + start))  # [b, 3, H, W], CPU
+                bar(len(chunks[-1]))
+    finally:
+        bar.close()
+    ctx.add_forget(LatentCache.encode(ctx.adapter, torch.cat(chunks), batch))
+    log(f"added {wanted} images the model draws of: {', '.join(named)}")
+    return {"count": wanted, "prompts": named, "steps": NAME_SAMPLE_STEPS}
+
+
 def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them (its config's
     ``vocab_anchors`` > 0): whole words of the first tokenizer, the concept's names left out, in the name
@@ -421,6 +462,7 @@ def erase(
     if resume_from is not None:
         # Phase 1 is restored, not redone: prototypes, masks and the conditioning pool come from the checkpoint
         # (methods whose state is not all in the checkpoint prepare again first).
+        restore_forget_extra(resume_from, ctx)
         if not method.resumable_state:
             method.prepare(batch_size=config.batch_size)
         meta = load_checkpoint(resume_from, student=student, optimizer=optimizer, ctx=ctx, method=method,
@@ -436,6 +478,9 @@ def erase(
         once = dist.enabled and method.resumable_state
         t2 = time.perf_counter()
         inversion = name_concept(run, log) if main else None
+        drawn = add_name_samples(run, log) if main else None
+        if drawn is not None:
+            inversion = {**(inversion or {}), "name_samples": drawn}
         anchors = add_vocab_anchors(run, inversion, log) if main else None
         if anchors is not None:
             inversion = {**(inversion or {}), "vocab_anchors": anchors}
@@ -447,7 +492,7 @@ def erase(
         t2 = time.perf_counter()
         prepare_figures = None
         if main or not once:
-            bar = _Progress(method.prepare_work(len(forget)), "phase 1: fingerprint", quiet)
+            bar = _Progress(method.prepare_work(len(ctx.forget)), "phase 1: fingerprint", quiet)
             try:
                 prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
             finally:

@@ -1,8 +1,9 @@
 """One self-contained HTML page per erase run: images as data URIs, inline CSS and SVG, no script.
 
 Sections: summary, evaluation figures (reference beside erased, with intervals), before/after
-grids on the same seeds, the detector's masks over a sample of the forget images, loss curves
-per term, and the run configuration.
+grids on the same seeds, what the run took the concept to be (its names, the prompts and anchors of
+the conditioning pool, the prototypes kept), the detector's masks over a sample of the forget
+images, loss curves per term, and the run configuration.
 """
 
 from __future__ import annotations
@@ -198,6 +199,11 @@ def mask_section(record: dict, run_dir: pathlib.Path) -> str:
         return ('<p class="note">This run kept no per-image masks (forget_masks); with mask_mode "online" '
                 'masks are drawn at each step and not stored.</p>')
     config = record.get("config", {}) or {}
+    drawn = int(((record.get("conditioning") or {}).get("name_samples") or {}).get("count", 0))
+    drawn_note = (f'<p class="note">The last {drawn} masks belong to the images the model drew of the prompts naming '
+                  f'the concept (--name-samples); those images are not stored, so only the forget folder\'s are '
+                  f'shown.</p>') if drawn else ""
+    masks = masks[:masks.shape[0] - drawn] if 0 < drawn < masks.shape[0] else masks
     folder = config.get("forget")
     if not folder or not pathlib.Path(folder).is_dir():
         return (f'<p class="missing">The forget folder <code>{_e(folder or "(not recorded)")}</code> is gone, so the '
@@ -207,7 +213,7 @@ def mask_section(record: dict, run_dir: pathlib.Path) -> str:
         index, names, images, total = _forget_sample(pathlib.Path(folder), masks.shape[0], config.get("resolution"))
     except DiffscrubError as exc:
         return f'<p class="missing">The forget folder could not be read again: {_e(exc)}</p>'
-    parts = []
+    parts = [drawn_note] if drawn_note else []
     n = min(total, masks.shape[0])
     if total != masks.shape[0]:
         parts.append(f'<p class="note">The forget folder now holds {total} usable images but the run stored '
@@ -223,6 +229,69 @@ def mask_section(record: dict, run_dir: pathlib.Path) -> str:
                  f'opacity {MASK_OPACITY} at mask value 1). Mean mask area over all images: '
                  f'{float(masks.mean()):.3f}.</p>')
     parts.append(f'<div class="overlays">{"".join(figs)}</div>')
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- the concept
+def _words(items) -> str:
+    return ", ".join(f"<b>{_e(w)}</b>" for w in items)
+
+
+def _prototype_table(selection: dict) -> str:
+    """One row per k-means prototype: how often it fires on forget and on retain locations, kept or dropped."""
+    rows = []
+    for i, (f, r, kept) in enumerate(zip(selection.get("forget_rate", []), selection.get("retain_rate", []),
+                                         selection.get("kept", []))):
+        rows.append(f"<tr><td>{i}</td><td>{100 * f:.1f}%</td><td>{100 * r:.1f}%</td>"
+                    f"<td>{'kept' if kept else 'dropped'}</td></tr>")
+    return ("<table><tr><th>prototype</th><th>fires on forget locations</th><th>fires on retain locations</th>"
+            "<th>contrastive fingerprint</th></tr>" + "".join(rows) + "</table>")
+
+
+def concept_section(record: dict) -> str:
+    """What the run took the concept to be: the words found for it (or the names given), the prompts of the
+    conditioning pool and what the model drew of them, the vocabulary anchors, and the prototypes kept."""
+    cond = record.get("conditioning") or {}
+    config = record.get("config", {}) or {}
+    method_cfg = record.get(record.get("method", "")) or {}
+    prepare = record.get("prepare") or {}
+    parts = []
+    if cond.get("nearest_words"):
+        names = int(config.get("name_words", 1) or 0)
+        parts.append(f"<p>Your forget folder looks like: {_words(cond['nearest_words'])}. These are the words of "
+                     "the tokenizer's vocabulary nearest to the token that textual inversion learned for the forget "
+                     f"images. The first {names} counted as the concept's names.</p>")
+    elif cond.get("given_names"):
+        parts.append(f"<p>Names given with --names: {_words(cond['given_names'])} (no textual inversion ran).</p>")
+    elif cond.get("mode"):
+        parts.append(f'<p class="note">No names: conditioning mode {_e(cond["mode"])} (the null prompt'
+                     f'{" and the given prompts" if cond["mode"] == "prompts" else ""}).</p>')
+    else:
+        parts.append('<p class="note">The run recorded no conditioning (the model has no text encoder, or the '
+                     "method keeps its own prompts).</p>")
+    pool = cond.get("pool")
+    if pool:
+        shown = ", ".join(f"<code>{_e(p) if p else '(null prompt)'}</code>" for p in pool[:24])
+        more = f" and {len(pool) - 24} more" if len(pool) > 24 else ""
+        parts.append(f"<p>Conditioning pool ({len(pool)} prompts): {shown}{more}.</p>")
+    drawn = cond.get("name_samples")
+    if drawn:
+        parts.append(f"<p>The model drew {int(drawn['count'])} images of "
+                     + ", ".join(f"<code>{_e(p)}</code>" for p in drawn.get("prompts", []))
+                     + " before training, and they joined the forget images (--name-samples).</p>")
+    anchors = cond.get("vocab_anchors")
+    if anchors:
+        parts.append(f"<p>{int(anchors['count'])} vocabulary anchors, e.g. "
+                     + ", ".join(f"<code>{_e(p)}</code>" for p in anchors.get("examples", []))
+                     + (f"; left out: {_words(anchors['left_out'])}" if anchors.get("left_out") else "") + ".</p>")
+    selection = prepare.get("prototype_selection")
+    if selection:
+        knn = method_cfg.get("fingerprint") == "knn"
+        parts.append(f"<p>Prototypes kept: {prepare.get('prototypes_kept', sum(selection.get('kept', [])))} of "
+                     f"{len(selection.get('kept', []))}. A prototype is kept when it fires on forget locations "
+                     f"at least {_e(method_cfg.get('contrast_ratio', '?'))} times as often as on retain locations (when none does, the one with the highest ratio is kept)."
+                     + (" This run's masks come from the neighbour fingerprint (--fingerprint knn); the prototypes "
+                        "are shown for reference." if knn else "") + "</p>" + _prototype_table(selection))
     return "".join(parts)
 
 
@@ -414,6 +483,7 @@ def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | No
     else:
         sections.append(f'<h2>Evaluation</h2><p class="note">{eval_note}</p>')
         sections.append('<h2>Before and after, same seeds</h2><p class="note">Needs an evaluation folder.</p>')
+    sections.append(f"<h2>The concept</h2>{concept_section(record)}")
     sections.append(f"<h2>Detector masks on forget images</h2>{mask_section(record, run_dir)}")
     sections.append(f"<h2>Loss curves</h2>{loss_section(record.get('losses') or [])}")
     run_config = {"config": config, method: record.get(method)}
