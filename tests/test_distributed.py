@@ -31,7 +31,9 @@ def _erase_args(model, forget, out, batch=4):
     return ["-m", "diffscrub", "erase", "--model", str(model), "--forget", str(forget), "--out", str(out),
             "--steps", str(STEPS), "--batch-size", str(batch), "--quiet", "--seed", "5", "--device", "cpu",
             "--checkpoint-every", "1", "--inversion-steps", "2", "--num-prototypes", "2",
-            "--vectors-per-image", "16", "--contrast-samples", "2", "--contrast-sample-steps", "2"]
+            "--vectors-per-image", "16", "--contrast-samples", "2", "--contrast-sample-steps", "2",
+            # drawn on the main process in phase 1, then every rank's forget set and epochs must hold them
+            "--name-samples", "2"]
 
 
 def _free_port() -> int:
@@ -95,6 +97,7 @@ def test_two_processes_match_one_on_the_same_global_batch(runs):
     b = json.loads((multi / "diffscrub.json").read_text())
     assert b["world_size"] == 2 and "world_size" not in a
     assert a["conditioning"]["pool"] == b["conditioning"]["pool"]
+    assert a["conditioning"]["name_samples"]["count"] == b["conditioning"]["name_samples"]["count"] == 2
     assert [r["step"] for r in a["losses"]] == [r["step"] for r in b["losses"]]
     for ra, rb in zip(a["losses"], b["losses"]):
         for key in ra:
