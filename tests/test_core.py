@@ -823,6 +823,10 @@ def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
     assert main(base + ["--out", str(tmp_path / "o5"), "--method", "sfd", "--concept-prompt", "x", "--names", "x"]) == 2
     err = _err(capsys)
     assert "drop --names" in err and "\n" not in err and not (tmp_path / "o5").exists()
+    assert main(base + ["--out", str(tmp_path / "o6"), "--method", "sfd", "--concept-prompt", "x",
+                        "--name-samples", "4"]) == 2
+    err = _err(capsys)
+    assert "drop --name-samples" in err and "\n" not in err and not (tmp_path / "o6").exists()
 
 
 def test_overwrite_replaces_only_when_complete(tiny_pipeline_dirs, tmp_path, monkeypatch):

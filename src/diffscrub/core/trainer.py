@@ -87,6 +87,9 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     if config.names and config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):
         raise ConfigError(f"method {method_cls.name!r} keeps its conditioning pool as the model draws it, so names "
                           "there would be preserved, not erased: drop --names (name the concept with --concept-prompt)")
+    if config.name_samples and config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):
+        raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are no "
+                          "named prompts to draw: drop --name-samples")
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
