@@ -164,6 +164,21 @@ class ErasureContext:
         self.forget_extra = extra if self.forget_extra is None else self.forget_extra.extend(extra)
         self.forget_sampler.n = len(self.forget)
 
+    def generate_latents(self, prompts: list[str], *, steps: int, seed: int, batch_size: int,
+                         progress=None) -> LatentCache:
+        """Sample one image per prompt with the pipeline as it is now, and encode them: a cache of ``len(prompts)``.
+
+        In chunks of ``batch_size`` prompts, chunk ``i`` seeded with ``seed`` plus its first index: all 32 contrast
+        samples in one pipeline call ran SDXL out of memory at 1024 px on an H100 (16 GiB for one VAE-decoder
+        convolution) where the training step fits in 20. ``progress(n)`` is called after each chunk."""
+        chunks = []
+        for start in range(0, len(prompts), batch_size):
+            chunks.append(self.adapter.generate(prompts[start:start + batch_size], self.image_hw, steps=steps,
+                                                seed=seed + start))  # [b, 3, H, W] in [-1, 1], on the CPU
+            if progress:
+                progress(len(chunks[-1]))
+        return LatentCache.encode(self.adapter, torch.cat(chunks), batch_size)
+
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
         """Conditioning for extra prompts (e.g. a method's concept and anchor), on the run's device."""
         return self.adapter.encode_prompts(list(prompts), self.image_hw).to(self.device)

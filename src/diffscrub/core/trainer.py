@@ -84,12 +84,14 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     for need, flag in (("retain", config.retain), ("concept_prompt", config.concept_prompt)):
         if need in method_cls.needs and not flag:
             raise ConfigError(f"method {method_cls.name!r} needs {INPUTS[need]}")
-    if config.names and config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):
-        raise ConfigError(f"method {method_cls.name!r} keeps its conditioning pool as the model draws it, so names "
-                          "there would be preserved, not erased: drop --names (name the concept with --concept-prompt)")
-    if config.name_samples and config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):
-        raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are no "
-                          "named prompts to draw: drop --name-samples")
+    if config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):  # no names in its pool
+        if config.names:
+            raise ConfigError(f"method {method_cls.name!r} keeps its conditioning pool as the model draws it, so names "
+                              "there would be preserved, not erased: drop --names (name the concept with "
+                              "--concept-prompt)")
+        if config.name_samples:
+            raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are "
+                              "no named prompts to draw: drop --name-samples")
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
@@ -367,18 +369,14 @@ def add_name_samples(run: Run, log) -> dict | None:
                           "has no text encoder, or the method keeps no names): drop --name-samples, or pass --names")
     prompts = [named[i % len(named)] for i in range(wanted)]
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    batch = config.batch_size
     bar = _Progress(wanted, "phase 1: drawing the named concept", config.quiet)
-    chunks = []
     try:
         with ctx.adapter.eval_mode(ctx.student):  # the student is still the teacher here
-            for start in range(0, wanted, batch):  # in chunks of the batch: a whole set at once may not fit at 1024 px
-                chunks.append(ctx.adapter.generate(prompts[start:start + batch], ctx.image_hw,
-                                                   steps=NAME_SAMPLE_STEPS, seed=seed + start))  # [b, 3, H, W], CPU
-                bar(len(chunks[-1]))
+            drawn = ctx.generate_latents(prompts, steps=NAME_SAMPLE_STEPS, seed=seed, batch_size=config.batch_size,
+                                         progress=bar)
     finally:
         bar.close()
-    ctx.add_forget(LatentCache.encode(ctx.adapter, torch.cat(chunks), batch))
+    ctx.add_forget(drawn)
     log(f"added {wanted} images the model draws of: {', '.join(named)}")
     return {"count": wanted, "prompts": named, "steps": NAME_SAMPLE_STEPS}
 
@@ -448,7 +446,7 @@ def erase(
     pipe, adapter, ctx, method, params = run.pipe, run.adapter, run.ctx, run.method, run.params
     method_config, timing, t0 = run.method_config, run.timing, run.started
     forget_images, retain_images = run.forget_images, run.retain_images
-    forget, student, device = ctx.forget, ctx.student, ctx.device
+    student, device = ctx.student, ctx.device
 
     identity = run_identity(config, method_config, forget_images.paths,
                             retain_images.paths if retain_images else None)
@@ -593,7 +591,7 @@ def erase(
         "retain_images": len(retain_images) if retain_images else 0,
         "skipped_images": len(forget_images.skipped) + (len(retain_images.skipped) if retain_images else 0),
         "image_size": list(forget_images.hw),
-        "latent_shape": list(forget.mean.shape[1:]),
+        "latent_shape": list(ctx.forget.mean.shape[1:]),
         "trainable": config.trainable,
         "mixed_precision": config.mixed_precision,
         "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),

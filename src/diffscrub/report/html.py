@@ -237,6 +237,10 @@ def _words(items) -> str:
     return ", ".join(f"<b>{_e(w)}</b>" for w in items)
 
 
+def _codes(prompts) -> str:
+    return ", ".join(f"<code>{_e(p) if p else '(null prompt)'}</code>" for p in prompts)
+
+
 def _prototype_table(selection: dict) -> str:
     """One row per k-means prototype: how often it fires on forget and on retain locations, kept or dropped."""
     rows = []
@@ -271,25 +275,23 @@ def concept_section(record: dict) -> str:
                      "method keeps its own prompts).</p>")
     pool = cond.get("pool")
     if pool:
-        shown = ", ".join(f"<code>{_e(p) if p else '(null prompt)'}</code>" for p in pool[:24])
         more = f" and {len(pool) - 24} more" if len(pool) > 24 else ""
-        parts.append(f"<p>Conditioning pool ({len(pool)} prompts): {shown}{more}.</p>")
+        parts.append(f"<p>Conditioning pool ({len(pool)} prompts): {_codes(pool[:24])}{more}.</p>")
     drawn = cond.get("name_samples")
     if drawn:
-        parts.append(f"<p>The model drew {int(drawn['count'])} images of "
-                     + ", ".join(f"<code>{_e(p)}</code>" for p in drawn.get("prompts", []))
-                     + " before training, and they joined the forget images (--name-samples).</p>")
+        parts.append(f"<p>The model drew {int(drawn['count'])} images of {_codes(drawn.get('prompts', []))} "
+                     "before training, and they joined the forget images (--name-samples).</p>")
     anchors = cond.get("vocab_anchors")
     if anchors:
-        parts.append(f"<p>{int(anchors['count'])} vocabulary anchors, e.g. "
-                     + ", ".join(f"<code>{_e(p)}</code>" for p in anchors.get("examples", []))
+        parts.append(f"<p>{int(anchors['count'])} vocabulary anchors, e.g. {_codes(anchors.get('examples', []))}"
                      + (f"; left out: {_words(anchors['left_out'])}" if anchors.get("left_out") else "") + ".</p>")
     selection = prepare.get("prototype_selection")
     if selection:
         knn = method_cfg.get("fingerprint") == "knn"
         parts.append(f"<p>Prototypes kept: {prepare.get('prototypes_kept', sum(selection.get('kept', [])))} of "
                      f"{len(selection.get('kept', []))}. A prototype is kept when it fires on forget locations "
-                     f"at least {_e(method_cfg.get('contrast_ratio', '?'))} times as often as on retain locations (when none does, the one with the highest ratio is kept)."
+                     f"at least {_e(method_cfg.get('contrast_ratio', '?'))} times as often as on retain locations "
+                     "(when none does, the one with the highest ratio is kept)."
                      + (" This run's masks come from the neighbour fingerprint (--fingerprint knn); the prototypes "
                         "are shown for reference." if knn else "") + "</p>" + _prototype_table(selection))
     return "".join(parts)

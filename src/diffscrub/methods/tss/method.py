@@ -113,17 +113,9 @@ class TeacherStudentScrubber(Method):
         ctx, cfg = self.ctx, self.config
         if ctx.retain is not None:
             return ctx.retain
-        from ...core.context import LatentCache
-
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        # In chunks of the run's batch: all 32 samples in one pipeline call ran SDXL out of memory at
-        # 1024 px on an H100 (16 GiB for one VAE-decoder convolution) where the training step fits in 20.
-        images = torch.cat([
-            ctx.adapter.generate([""] * min(self._batch, cfg.contrast_samples - start), ctx.image_hw,
-                                 steps=cfg.contrast_sample_steps, seed=seed + start)
-            for start in range(0, cfg.contrast_samples, self._batch)
-        ])  # [N, 3, H, W] on the CPU
-        return LatentCache.encode(ctx.adapter, images, self._batch)
+        return ctx.generate_latents([""] * cfg.contrast_samples, steps=cfg.contrast_sample_steps, seed=seed,
+                                    batch_size=self._batch)
 
     @torch.no_grad()
     def fit(self, batch_size: int, progress=None) -> torch.Tensor:
