@@ -582,6 +582,38 @@ def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
     assert float(terms["vocab_anchor"]) > 1e-6
 
 
+def test_anchor_words_are_kept_in_every_template(tmp_path):
+    """--anchor-words: each word in every name template comes first among the anchors, encoded as its own
+    prompt; the random draw adds --vocab-anchors more without them; a word that is also a found name is
+    dropped (with a notice), and one that is also a given name is refused before anything loads."""
+    from diffscrub.core.trainer import add_vocab_anchors, preflight, setup_run
+    from diffscrub.methods.tss import TSSConfig, TeacherStudentScrubber
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", name_contexts=["{}", "a {}"])
+    pipe = build_tiny_pipeline("sd")
+    vocab = [pipe.tokenizer.convert_ids_to_tokens(i).replace("</w>", "") for i in (300, 301)]
+    name, keep = vocab
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "vocab_anchors": 5,
+                          "anchor_words": [keep, " red thing ", name]}, pipe=pipe, log=lambda m: None)
+    notices = []
+    figures = add_vocab_anchors(run, {"nearest_words": [name]}, log=notices.append)
+    prompts = run.ctx.cond.anchor_prompts
+    assert prompts[:4] == [keep, f"a {keep}", "red thing", "a red thing"]
+    assert len(prompts) == 9 and figures["count"] == 9 and figures["kept_words"] == [keep, "red thing"]
+    assert not {keep, name} & {w for p in prompts[4:] for w in p.split()}  # the draw leaves both out
+    assert any(name in n and "not kept" in n for n in notices)
+    fresh = run.ctx.encode_prompts(prompts).kwargs["encoder_hidden_states"]
+    kept = run.ctx.cond.take(torch.arange(1, 10))["encoder_hidden_states"]
+    assert torch.allclose(kept, fresh, atol=1e-6)
+
+    named = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o2"), names=[name.upper()])
+    with pytest.raises(ConfigError, match="--anchor-words"):
+        preflight(named, TeacherStudentScrubber, TSSConfig(anchor_words=[name]))
+
+
 @pytest.mark.parametrize("name_target", ["keep", "neutral"])
 def test_tss_name_target_sets_the_keep_teacher(name_target, tmp_path):
     """With an empty mask the student (a copy of the teacher) matches its keep target exactly under
@@ -608,6 +640,35 @@ def test_tss_name_target_sets_the_keep_teacher(name_target, tmp_path):
         ctx.prompt_index = lambda b: torch.zeros(b, dtype=torch.long)
         _, terms = run.method.loss(1, 2)
         assert float(terms["background"]) < 1e-10
+
+
+@pytest.mark.parametrize("blind_prompt", ["null", "keep"])
+def test_tss_blind_prompt_sets_the_teacher_inside_the_mask(blind_prompt, tmp_path):
+    """The teacher reads the blinded latent under the null prompt ("null", the default), or under the
+    keep target's prompt ("keep": with name_target "neutral", the student's prompt with the name taken
+    out), never under the student's own prompt that names the concept."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", conditioning="prompts", prompts=["red thing", "on grass"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                          "contrastive": False, "name_target": "neutral", "blind_prompt": blind_prompt},
+                    pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    ctx = run.ctx
+    ctx.cond.neutral = [0, 2, 2]  # pool: "", "red thing" (names the concept), "on grass"; "red thing" -> "on grass"
+    run.method.prepare(batch_size=2)
+    ctx.prompt_index = lambda b: torch.ones(b, dtype=torch.long)  # the student sees "red thing"
+    seen, predict = [], ctx.teacher_predict
+    ctx.teacher_predict = lambda z, t, kwargs, **kw: seen.append(kwargs["encoder_hidden_states"]) or predict(
+        z, t, kwargs, **kw)
+    run.method.loss(0, 2)
+    # one teacher call: [original (keep target) x2, blinded x2]; the blinded pair's conditioning is checked
+    blinded = seen[0][2:4]
+    expected = ctx.cond.take(torch.full((2,), 0 if blind_prompt == "null" else 2))["encoder_hidden_states"]
+    assert torch.equal(blinded, expected)
+    assert not torch.equal(blinded, ctx.cond.take(torch.ones(2, dtype=torch.long))["encoder_hidden_states"])
 
 
 def test_conditioning_null_keeps_seed_pool(tmp_path):

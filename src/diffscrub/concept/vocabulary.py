@@ -33,6 +33,16 @@ def _fill(context: str, word: str) -> str:
     return " ".join(context.format(word).split())
 
 
+def kept_prompts(words: list[str], contexts: list[str]) -> list[tuple[str, str]]:
+    """Every template of ``contexts`` filled with every word of ``words`` (the user's ``anchor_words``), each
+    with its base, as :func:`anchor_prompts` gives them: ``[("3 on grass", "on grass"), ...]``."""
+    prompts: dict[str, str] = {}
+    for word in words:
+        for context in contexts:
+            prompts.setdefault(_fill(context, word), _fill(context, ""))
+    return list(prompts.items())
+
+
 def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: int,
                    generator: torch.Generator) -> list[tuple[str, str]]:
     """``n`` distinct prompts (fewer when the vocabulary is small), each with its base: a template of

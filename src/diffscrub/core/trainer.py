@@ -92,6 +92,10 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
         if config.name_samples:
             raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are "
                               "no named prompts to draw: drop --name-samples")
+    both = {w.lower() for w in getattr(method_config, "anchor_words", None) or []} & {n.lower() for n in config.names}
+    if both:
+        raise ConfigError(f"{', '.join(sorted(both))!r} is both a name of the concept (--names) and a word to keep "
+                          "(--anchor-words): drop it from one of them")
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
@@ -382,16 +386,18 @@ def add_name_samples(run: Run, log) -> dict | None:
 
 
 def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
-    """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them (its config's
-    ``vocab_anchors`` > 0): whole words of the first tokenizer, the concept's names left out, in the name
-    templates, drawn at random; or, when the config's ``vocab_candidates`` is larger, of that many such prompts
-    those whose word moves the teacher most, each template in turn.
+    """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them: the config's
+    ``anchor_words`` in every name template, then ``vocab_anchors`` more: whole words of the first tokenizer,
+    the concept's names and the kept words left out, in the name templates, drawn at random; or, when the
+    config's ``vocab_candidates`` is larger, of that many such prompts those whose word moves the teacher most,
+    each template in turn.
     Returns the record's figures, or ``None`` when none were added."""
-    from ..concept.vocabulary import anchor_prompts, strongest_per_base, vocabulary_words, word_effects
+    from ..concept.vocabulary import anchor_prompts, kept_prompts, strongest_per_base, vocabulary_words, word_effects
 
     config, ctx, method_config = run.config, run.ctx, run.method_config
     wanted = int(getattr(method_config, "vocab_anchors", 0) or 0)
-    if wanted <= 0:
+    keep_words = list(getattr(method_config, "anchor_words", None) or [])
+    if wanted <= 0 and not keep_words:
         return None
     pairs = run.adapter.loaded_text_encoder_pairs()
     if not pairs:
@@ -402,23 +408,33 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     else:
         names = (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+    named = {name.lower() for name in names}
+    dropped = [w for w in keep_words if w.lower() in named]
+    if dropped:  # a found name wins: anchoring it would keep the concept under its own name
+        log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
+    kept = kept_prompts([w for w in keep_words if w.lower() not in named], list(config.name_contexts))
     words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
-    candidates = anchor_prompts(words, names, list(config.name_contexts),
+    candidates = anchor_prompts(words, names + keep_words, list(config.name_contexts),
                                 max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
-                                torch.Generator().manual_seed(seed))
-    if not candidates:
+                                torch.Generator().manual_seed(seed)) if wanted > 0 else []
+    if not candidates and not kept:
         return None
     figures = {"candidates": len(candidates), "left_out": names}
+    if kept:
+        figures["kept_words"] = [w for w in keep_words if w.lower() not in named]
     with torch.no_grad():  # encoded once: the effects are read under these, and the kept ones are taken from them
-        encoded = ctx.encode_prompts([prompt for prompt, _ in candidates])
+        encoded = ctx.encode_prompts([prompt for prompt, _ in kept + candidates])
     order = list(range(len(candidates)))
     if len(candidates) > wanted:  # more drawn than kept: keep the words that move the teacher most
-        effects = word_effects(ctx, encoded, [base for _, base in candidates],
+        drawn = Conditioning([prompt for prompt, _ in candidates],
+                             encoded.take(torch.arange(len(kept), len(kept) + len(candidates))))
+        effects = word_effects(ctx, drawn, [base for _, base in candidates],
                                ctx.retain if ctx.retain is not None else ctx.forget, config.batch_size)
         order = strongest_per_base(candidates, effects, wanted)
         figures.update(effect_kept_min=float(effects[order].min()), effect_median=float(effects.median()))
-    prompts = [candidates[i][0] for i in order]
-    ctx.cond = ctx.cond.with_anchors(Conditioning(prompts, encoded.take(torch.tensor(order))))
+    rows = list(range(len(kept))) + [len(kept) + i for i in order]  # [kept prompts, then the drawn ones]
+    prompts = [prompt for prompt, _ in kept] + [candidates[i][0] for i in order]
+    ctx.cond = ctx.cond.with_anchors(Conditioning(prompts, encoded.take(torch.tensor(rows))))
     return {"count": len(prompts), "examples": prompts[:8], **figures}
 
 

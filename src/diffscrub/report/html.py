@@ -284,6 +284,8 @@ def concept_section(record: dict) -> str:
     anchors = cond.get("vocab_anchors")
     if anchors:
         parts.append(f"<p>{int(anchors['count'])} vocabulary anchors, e.g. {_codes(anchors.get('examples', []))}"
+                     + (f"; kept in every template: {_words(anchors['kept_words'])}" if anchors.get("kept_words")
+                        else "")
                      + (f"; left out: {_words(anchors['left_out'])}" if anchors.get("left_out") else "") + ".</p>")
     selection = prepare.get("prototype_selection")
     if selection:

@@ -66,12 +66,25 @@ class TSSConfig:
         "concept's name taken out: \"7 on grass\" -> \"on grass\", \"7\" -> the null prompt; so a prompt naming the "
         "concept stops steering towards it anywhere in the image)",
     )
+    blind_prompt: str = option(
+        "null",
+        "the teacher's prompt for the blinded latent (the target inside the mask): null (whatever the student's "
+        "prompt, so a prompt naming the concept cannot bring it back) or keep (the prompt --name-target gives the "
+        "keep terms: with neutral, the student's prompt with the concept's name taken out, so the region is filled "
+        "as that prompt would fill it: '7 on gravel' -> gravel)",
+    )
     vocab_anchors: int = option(
         0,
         "vocabulary anchors: this many prompts, each one whole word of the tokenizer's vocabulary (never the "
         "concept's names) put in one of the --name-contexts templates ('3 on grass'), under which the student is "
         "held to the teacher on retain latents (forget latents without --retain), so that prompts naming other "
         "things do not drift; 0: none",
+    )
+    anchor_words: list[str] = option(
+        [],
+        "words you want kept, always among the anchors, each in every --name-contexts template, in addition to the "
+        "--vocab-anchors drawn at random (comma-separated: the things that look most like the concept, '0,1,2,3' "
+        "when erasing 7; a name of the concept is refused)",
     )
     vocab_candidates: int = option(
         0,
@@ -107,7 +120,9 @@ class TSSConfig:
         check_range("tss.vocab_anchors", self.vocab_anchors, 0)
         check_range("tss.lambda_v", self.lambda_v, 0)
         check_range("tss.vocab_candidates", self.vocab_candidates, 0)
+        self.anchor_words = [w.strip() for w in self.anchor_words if w.strip()]
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)
+        check_choice("tss.blind_prompt", self.blind_prompt, ("null", "keep"))
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         if self.fingerprint == "knn" and self.mask_mode != "cached":
             raise ConfigError("tss.fingerprint='knn' scores each forget image once: use mask_mode 'cached'")

@@ -234,7 +234,8 @@ class TeacherStudentScrubber(Method):
 
         # Teacher targets. Inputs are concatenated along the batch so one call serves several targets.
         # Inside the mask the target is the teacher's inpainting under the null prompt, whatever prompt the
-        # student sees: a prompt naming the concept must not bring it back through the conditional branch.
+        # student sees: a prompt naming the concept must not bring it back through the conditional branch
+        # (blind_prompt "keep": under the keep target's prompt instead, which with "neutral" has no name in it).
         # Outside the mask (and on retain latents) "keep" follows the teacher under the student's own prompt;
         # "neutral" under its neutral form (the name taken out), so a prompt naming the concept stops steering.
         cond_null = ctx.cond.take(ctx.null_index(b))
@@ -247,7 +248,7 @@ class TeacherStudentScrubber(Method):
             parts = []
         fill = surround_fill(z0, mask) if cfg.blind_fill == "surround" else ctx.randn_like(z0)
         z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
-        parts.append((z_t_blind, t, cond_null))
+        parts.append((z_t_blind, t, cond_null if cfg.blind_prompt == "null" else cond_keep))
         if use_retain:
             parts.append((z_tr, t_r, self._keep_cond(prompt_r, cond_r)))
         if anchor is not None:
