@@ -33,14 +33,18 @@ def _fill(context: str, word: str) -> str:
     return " ".join(context.format(word).split())
 
 
+def _with_bases(pairs) -> list[tuple[str, str]]:
+    """``(word, template)`` pairs as distinct ``(prompt, base)`` pairs, in order: ``("3 on grass", "on grass")``."""
+    prompts: dict[str, str] = {}
+    for word, context in pairs:
+        prompts.setdefault(_fill(context, word), _fill(context, ""))
+    return list(prompts.items())
+
+
 def kept_prompts(words: list[str], contexts: list[str]) -> list[tuple[str, str]]:
     """Every template of ``contexts`` filled with every word of ``words`` (the user's ``anchor_words``), each
-    with its base, as :func:`anchor_prompts` gives them: ``[("3 on grass", "on grass"), ...]``."""
-    prompts: dict[str, str] = {}
-    for word in words:
-        for context in contexts:
-            prompts.setdefault(_fill(context, word), _fill(context, ""))
-    return list(prompts.items())
+    with its base, as :func:`anchor_prompts` gives them."""
+    return _with_bases((word, context) for word in words for context in contexts)
 
 
 def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: int,
@@ -55,11 +59,7 @@ def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: i
     kept = [w for w in words if w.lower() not in left_out]
     pairs = [(w, c) for w in kept for c in contexts]
     order = torch.randperm(len(pairs), generator=generator)[:n].tolist()
-    prompts: dict[str, str] = {}
-    for i in order:
-        word, context = pairs[i]
-        prompts.setdefault(_fill(context, word), _fill(context, ""))
-    return list(prompts.items())
+    return _with_bases(pairs[i] for i in order)
 
 
 @torch.no_grad()

@@ -412,7 +412,8 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     dropped = [w for w in keep_words if w.lower() in named]
     if dropped:  # a found name wins: anchoring it would keep the concept under its own name
         log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
-    kept = kept_prompts([w for w in keep_words if w.lower() not in named], list(config.name_contexts))
+    keep_words = [w for w in keep_words if w.lower() not in named]
+    kept = kept_prompts(keep_words, list(config.name_contexts))
     words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
     candidates = anchor_prompts(words, names + keep_words, list(config.name_contexts),
                                 max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
@@ -421,7 +422,7 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
         return None
     figures = {"candidates": len(candidates), "left_out": names}
     if kept:
-        figures["kept_words"] = [w for w in keep_words if w.lower() not in named]
+        figures["kept_words"] = keep_words
     with torch.no_grad():  # encoded once: the effects are read under these, and the kept ones are taken from them
         encoded = ctx.encode_prompts([prompt for prompt, _ in kept + candidates])
     order = list(range(len(candidates)))

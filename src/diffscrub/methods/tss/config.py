@@ -12,6 +12,7 @@ FORGET_TARGETS = ("clean", "seed")
 BLIND_FILLS = ("surround", "noise")
 FINGERPRINTS = ("prototypes", "knn")
 NAME_TARGETS = ("keep", "neutral")
+BLIND_PROMPTS = ("null", "keep")
 
 
 @dataclass
@@ -122,7 +123,7 @@ class TSSConfig:
         check_range("tss.vocab_candidates", self.vocab_candidates, 0)
         self.anchor_words = [w.strip() for w in self.anchor_words if w.strip()]
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)
-        check_choice("tss.blind_prompt", self.blind_prompt, ("null", "keep"))
+        check_choice("tss.blind_prompt", self.blind_prompt, BLIND_PROMPTS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         if self.fingerprint == "knn" and self.mask_mode != "cached":
             raise ConfigError("tss.fingerprint='knn' scores each forget image once: use mask_mode 'cached'")
