@@ -138,6 +138,8 @@ class ErasureContext:
     teacher_forward: Any = None
     #: images added to ``forget`` after it was encoded (``--name-samples``), kept apart for checkpoints.
     forget_extra: LatentCache | None = None
+    #: the student's learning rate (``--lr``), for a method that trains a second network beside it.
+    lr: float = 1e-4
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)
@@ -238,12 +240,16 @@ class ErasureContext:
         finally:
             self.student.enable_adapters()
 
-    @torch.no_grad()
     def teacher_predict(
-        self, z_t: torch.Tensor, t: torch.Tensor, cond: dict, *, features: bool = False
+        self, z_t: torch.Tensor, t: torch.Tensor, cond: dict, *, features: bool = False, grad: bool = False
     ) -> tuple[torch.Tensor, Features | None]:
-        """Frozen-teacher prediction ``[B, C_out, H, W]`` (and tapped features), without gradients."""
-        with self._teacher_module() as model, self.adapter.eval_mode(model), self.autocast():
+        """Frozen-teacher prediction ``[B, C_out, H, W]`` (and tapped features), without gradients.
+
+        ``grad=True`` keeps the graph to ``z_t`` (the teacher's weights stay frozen): a loss that
+        differentiates the teacher's score through its input (SFD's one-step generator) needs it.
+        """
+        with torch.set_grad_enabled(grad), self._teacher_module() as model, self.adapter.eval_mode(model), \
+                self.autocast():
             # a compiled teacher would skip the feature tap's forward hook: tapped calls run the eager module
             call = model if features or self.teacher_forward is None else self.teacher_forward
             pred, feats = self.adapter.predict(call, z_t.to(self.dtype), t, cond, features=features)

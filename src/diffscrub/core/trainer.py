@@ -289,7 +289,8 @@ def setup_run(
 
     ctx = ErasureContext(adapter=adapter, schedule=adapter.schedule(), student=student, teacher=teacher,
                          forget=forget, retain=retain, cond=cond, generator=generator, device=device,
-                         image_hw=image_hw, concept_prompt=config.concept_prompt, anchor_prompt=config.anchor_prompt)
+                         image_hw=image_hw, concept_prompt=config.concept_prompt, anchor_prompt=config.anchor_prompt,
+                         lr=config.lr)
     if half is not None:
         ctx.dtype = half
         ctx.autocast = adapter.autocast = functools.partial(torch.autocast, device.type, dtype=half)
@@ -619,6 +620,8 @@ def erase(
         "timing": timing,
         "memory": peak_memory_mb(device),
     }
+    if method.sampling() is not None:
+        record["sampling"] = method.sampling()
     if dist.enabled:
         record["world_size"] = dist.world
     t4 = time.perf_counter()

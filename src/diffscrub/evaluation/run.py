@@ -34,7 +34,14 @@ from .readers import (
     inception_features,
     load_callable,
 )
-from .sampling import check_text_to_image, comparison_grid, sample_images, save_png
+from .sampling import (
+    check_text_to_image,
+    comparison_grid,
+    one_step_timestep,
+    sample_images,
+    sample_one_step,
+    save_png,
+)
 
 SCHEMA_VERSION = 1
 SET_SEED_OFFSETS = {"null": 0, "concept": 1_000_000, "other": 2_000_000}
@@ -281,6 +288,16 @@ def evaluate(
         real_features = recorder.take()
 
     # ---------------------------------------------------------------- sample and measure every set
+    # A one-step generator (sfd --one-step) samples in one denoiser call without guidance; any other
+    # model through its pipeline's sampler with the evaluation's steps and guidance.
+    era_one_step, ref_one_step = one_step_timestep(config.model), one_step_timestep(config.reference)
+
+    def sample(which_pipe, timestep: int | None, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        size = {"height": height, "width": width, "batch_size": config.batch_size}
+        if timestep is not None:
+            return sample_one_step(which_pipe, prompts, seeds, timestep=timestep, **size)
+        return sample_images(which_pipe, prompts, seeds, steps=config.steps, guidance=guidance, **size)
+
     out_dir_files: dict[str, Any] = {}
     sets: dict[str, dict] = {}
     samples: dict[str, list] = {}
@@ -293,9 +310,8 @@ def evaluate(
         lay = _layout(set_name, prompts, config)
         t0 = time.perf_counter()
         _log(config, f"sampling {set_name}: {len(lay['seeds'])} samples x 2 models")
-        kw = {"steps": config.steps, "guidance": guidance, "height": height, "width": width, "batch_size": config.batch_size}
-        ref_images = sample_images(reference_pipe, lay["prompts"], lay["seeds"], **kw)
-        era_images = sample_images(pipe, lay["prompts"], lay["seeds"], **kw)
+        ref_images = sample(reference_pipe, ref_one_step, lay["prompts"], lay["seeds"])
+        era_images = sample(pipe, era_one_step, lay["prompts"], lay["seeds"])
         n_total = len(lay["seeds"])
         if set_name == "null":  # keep exactly n_null samples for the figures (the grid shows full rows)
             ref_used, era_used, used = ref_images[:config.n_null], era_images[:config.n_null], config.n_null
@@ -390,7 +406,10 @@ def evaluate(
                      "scheduler": type(reference_pipe.scheduler).__name__,
                      "seeds": "seed + offset[set] + column (+ row * n in the null set); one CPU torch.Generator "
                               "per sample, the same for both models",
-                     "seed_offsets": SET_SEED_OFFSETS},
+                     "seed_offsets": SET_SEED_OFFSETS,
+                     # one-step generators: one denoiser call at this timestep, no guidance (else absent)
+                     **({"erased_one_step_timestep": era_one_step} if era_one_step is not None else {}),
+                     **({"reference_one_step_timestep": ref_one_step} if ref_one_step is not None else {})},
         "prompts": prompt_sets.to_dict(),
         "readers": {"primary": primary, **reader_info},
         "frechet_features": fd_name or None,

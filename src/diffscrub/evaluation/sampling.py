@@ -58,6 +58,62 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
     return torch.cat(out) if out else torch.empty(0, 3, height, width)
 
 
+def one_step_timestep(model: str | None) -> int | None:
+    """The timestep a one-step generator (``sfd --one-step``) samples at, from the run record in its
+    folder; ``None`` for a model sampled by its pipeline's own sampler."""
+    import json
+
+    if not model:
+        return None
+    record = pathlib.Path(model) / "diffscrub.json"
+    if not record.is_file():
+        return None
+    try:
+        sampling = json.loads(record.read_text()).get("sampling") or {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the run record '{record}' ({exc}): restore or remove it") from None
+    t = sampling.get("one_step_timestep")
+    return None if t is None else int(t)
+
+
+@torch.no_grad()
+def sample_one_step(pipe, prompts: list[str], seeds: list[int], *, timestep: int, height: int, width: int,
+                    batch_size: int = 16) -> torch.Tensor:
+    """Images ``[N, 3, H, W]`` in [0, 1] from a one-step generator: one denoiser call per sample.
+
+    For each ``(prompt, seed)``: pure noise ``z [C, H/f, W/f]`` from a CPU generator seeded with the
+    seed, the denoiser's prediction at ``timestep`` under the prompt, its clean-latent estimate
+    ``z0_hat`` (the schedule's ``predict_z0``, as in training), decoded by the VAE. No guidance: a
+    one-step generator has its guidance distilled in. Everything goes through the family adapter,
+    as training does, so every family samples the same way.
+    """
+    from ..adapters import adapter_for
+
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    adapter = adapter_for(pipe)
+    model = adapter.denoiser
+    param = next(model.parameters())
+    schedule = adapter.schedule()
+    channels = int(pipe.vae.config.latent_channels)
+    # the pipelines' own convention (DiTPipeline has no vae_scale_factor attribute)
+    factor = int(getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        batch_prompts = list(prompts[start:start + batch_size])
+        cond = adapter.encode_prompts(batch_prompts, (height, width)).to(param.device)
+        z = torch.stack([torch.randn((channels, height // factor, width // factor),
+                                     generator=torch.Generator("cpu").manual_seed(int(s)))
+                         for s in seeds[start:start + batch_size]]).to(param.device)
+        t = torch.full((len(batch_prompts),), int(timestep), dtype=torch.long, device=param.device)
+        with adapter.eval_mode(model):
+            pred, _ = adapter.predict(model, z.to(param.dtype), t, cond.take(torch.arange(len(batch_prompts))))
+        mean, _ = adapter.split_variance(pred.float(), channels)
+        images = adapter.decode(schedule.predict_z0(z, mean, t))  # [b, 3, H, W] in [-1, 1]
+        out.append(((images + 1) / 2).float().clamp(0, 1).cpu())
+    return torch.cat(out) if out else torch.empty(0, 3, height, width)
+
+
 # ----------------------------------------------------------------------------- grids
 def _to_pil(image: torch.Tensor):
     from PIL import Image

@@ -62,6 +62,11 @@ class Method:
         """Tensors saved beside the output (e.g. prototypes), for evaluation and reports."""
         return {}
 
+    def sampling(self) -> dict[str, Any] | None:
+        """How the output must be sampled when not by the pipeline's own sampler, saved in the run record
+        (``{"one_step_timestep": t}``: one denoiser call on pure noise at ``t``); ``None``: as usual."""
+        return None
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
