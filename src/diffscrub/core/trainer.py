@@ -620,8 +620,9 @@ def erase(
         "timing": timing,
         "memory": peak_memory_mb(device),
     }
-    if method.sampling() is not None:
-        record["sampling"] = method.sampling()
+    sampling = method.sampling()
+    if sampling is not None:
+        record["sampling"] = sampling
     if dist.enabled:
         record["world_size"] = dist.world
     t4 = time.perf_counter()

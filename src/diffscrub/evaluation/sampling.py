@@ -61,18 +61,11 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], *, steps: int, gui
 def one_step_timestep(model: str | None) -> int | None:
     """The timestep a one-step generator (``sfd --one-step``) samples at, from the run record in its
     folder; ``None`` for a model sampled by its pipeline's own sampler."""
-    import json
+    from .readers import RECORD_FILE, read_run_record
 
-    if not model:
+    if not model or not (pathlib.Path(model) / RECORD_FILE).is_file():
         return None
-    record = pathlib.Path(model) / "diffscrub.json"
-    if not record.is_file():
-        return None
-    try:
-        sampling = json.loads(record.read_text()).get("sampling") or {}
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read the run record '{record}' ({exc}): restore or remove it") from None
-    t = sampling.get("one_step_timestep")
+    t = (read_run_record(model).get("sampling") or {}).get("one_step_timestep")
     return None if t is None else int(t)
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ...adapters.base import concat_kwargs
 from ...errors import ConfigError
-from ..common import denoising_loss, guided, mean_part
+from ..common import denoising_loss, guided, latent_channels, mean_part
 
 
 class OneStepDistiller:
@@ -53,7 +53,7 @@ class OneStepDistiller:
         self.ctx, self.cfg = ctx, cfg
         # The student is still the pretrained model here, in float32 (the teacher may be half).
         self.fake = copy.deepcopy(ctx.student).requires_grad_(True).train()
-        self.params = [p for p in self.fake.parameters()]
+        self.params = list(self.fake.parameters())
         lr = cfg.fake_lr or ctx.lr
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
 
@@ -66,17 +66,18 @@ class OneStepDistiller:
 
     def _noise(self, n: int) -> torch.Tensor:
         ctx = self.ctx
-        return ctx.randn(n, int(ctx.forget.mean.shape[1]), *ctx.latent_hw)
+        return ctx.randn(n, latent_channels(ctx), *ctx.latent_hw)
 
     # ----------------------------------------------------------------- score networks
-    def _fake_z0(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        ctx = self.ctx
-        with ctx.autocast():
-            pred, _ = ctx.adapter.predict(self.fake, x_t, t, cond)
-        return ctx.schedule.predict_z0(x_t, mean_part(ctx, pred.float()), t)
+    def _fake_predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """The fake score's raw prediction ``[B, C_out, h, w]`` (float32), under the run's autocast."""
+        with self.ctx.autocast():
+            pred, _ = self.ctx.adapter.predict(self.fake, x_t, t, cond)
+        return pred.float()
 
-    def _teacher_z0(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, null: dict | None) -> torch.Tensor:
-        """The frozen model's clean-latent estimate, differentiable in ``x_t`` (its weights stay frozen)."""
+    def _teacher_z0(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict, null: dict) -> torch.Tensor:
+        """The frozen model's clean-latent estimate, differentiable in ``x_t`` (its weights stay frozen);
+        ``null`` is only called for with ``--teacher-guidance`` other than 1."""
         ctx, scale = self.ctx, self.cfg.teacher_guidance
         if scale == 1.0:
             pred, _ = ctx.teacher_predict(x_t, t, cond, grad=True)
@@ -95,9 +96,8 @@ class OneStepDistiller:
             x_g = self.generate(self._noise(n), gen_cond)
         eps = ctx.randn_like(x_g)
         t = ctx.timesteps(n, cfg.t_low, cfg.t_high)
-        with ctx.autocast():
-            pred, _ = ctx.adapter.predict(self.fake, ctx.schedule.add_noise(x_g, eps, t), t, gen_cond)
-        loss = denoising_loss(ctx, pred.float(), x_g, eps, t)
+        pred = self._fake_predict(ctx.schedule.add_noise(x_g, eps, t), t, gen_cond)
+        loss = denoising_loss(ctx, pred, x_g, eps, t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if ctx.world > 1:  # the fake score is not DDP-wrapped: average its gradients by hand
@@ -111,7 +111,7 @@ class OneStepDistiller:
         self.optimizer.step()
         return loss.detach()
 
-    def generator_loss(self, gen_cond: dict, teacher_cond: dict, null: dict | None, n: int) -> torch.Tensor:
+    def generator_loss(self, gen_cond: dict, teacher_cond: dict, null: dict, n: int) -> torch.Tensor:
         """Step 2: SiD's generator loss on ``n`` samples, per sample ``[n]`` (the caller weights and averages)."""
         ctx, cfg = self.ctx, self.cfg
         x_g = self.generate(self._noise(n), gen_cond)
@@ -121,7 +121,7 @@ class OneStepDistiller:
         d_real = self._teacher_z0(x_t, t, teacher_cond, null)
         self.fake.requires_grad_(False)  # gradients flow through its input only
         try:
-            d_fake = self._fake_z0(x_t, t, gen_cond)
+            d_fake = ctx.schedule.predict_z0(x_t, mean_part(ctx, self._fake_predict(x_t, t, gen_cond)), t)
         finally:
             self.fake.requires_grad_(True)
         w = 1.0 / (x_g - d_real).abs().flatten(1).mean(1).detach().clamp_min(1e-6)
@@ -148,4 +148,3 @@ class OneStepDistiller:
                      for key, v in state.items() if key.startswith(f"fake_opt.{i}.")}
             if entry:
                 self.optimizer.state[p] = entry
-

@@ -78,8 +78,7 @@ class ScoreForgettingDistillation(Method):
         """``--one-step``: the fake score's step, then the generator's loss (rows ``:b`` the concept's)."""
         cfg = self.config
         l_fake = self.distiller.fake_step(gen_cond, 2 * b)
-        per = self.distiller.generator_loss(gen_cond, teacher_cond, null if cfg.teacher_guidance != 1.0 else None,
-                                            2 * b)
+        per = self.distiller.generator_loss(gen_cond, teacher_cond, null, 2 * b)
         l_f, l_k = per[:b].mean(), per[b:].mean()
         total = cfg.lambda_forget * l_f + cfg.lambda_keep * l_k
         return total, {"forget": l_f.detach(), "keep": l_k.detach(), "fake": l_fake}
