@@ -267,6 +267,96 @@ def test_tss_knn_fingerprint_masks(tmp_path):
     assert run.method.prototypes is not None and "forget_masks" in run.method.artifacts()
 
 
+def test_names_smoothing_keeps_a_level_field_and_spreads_a_spike():
+    from diffscrub.concept.naming import box_kernel, smooth
+
+    assert box_kernel(16, 0.1875) == 3 and box_kernel(64, 0.1875) == 13 and box_kernel(16, 0.0) == 1
+    level = torch.full((2, 8, 8), 3.0)
+    assert torch.allclose(smooth(level, 0.375), level)  # borders average only what they have
+    spike = torch.zeros(1, 8, 8)
+    spike[0, 4, 4] = 9.0
+    out = smooth(spike, 0.375)  # 3 x 3
+    assert out[0, 3:6, 3:6].eq(1.0).all() and out.sum() == 9.0
+    assert torch.equal(smooth(spike, 0.0), spike)
+
+
+def _names_run(tmp_path, **tss):
+    from diffscrub.core.trainer import name_concept, setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", names=["cat"], name_contexts=["{}", "{} on grass"])
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 64, "fit_draws": 1, "contrast_samples": 2,
+                          "contrast_sample_steps": 1, "fingerprint": "names", **tss},
+                    pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    name_concept(run, lambda m: None)
+    return run
+
+
+def test_tss_names_fingerprint_marks_where_the_name_lowers_the_error(tmp_path, monkeypatch):
+    """A teacher that denoises a square exactly under the named prompts and misses it by 1 under their neutral
+    forms: the mask keeps that square, and each draw pairs a named prompt with its own neutral form, going round
+    the named prompts."""
+    run = _names_run(tmp_path, mask_draws=2, knn_area=0.2, names_smooth=0.0)
+    ctx, method = run.ctx, run.method
+    assert ctx.schedule.prediction_type == "epsilon"  # the fake teacher returns the target: the noise
+    named = method._naming_prompts().tolist()
+    assert [ctx.cond.prompts[i] for i in named] == ["cat", "cat on grass"]
+    drawn, calls = [], []
+    real_randn = ctx.randn_like
+
+    def randn_like(x):
+        drawn.append(real_randn(x))
+        return drawn[-1]
+
+    def teacher_predict(z_t, t, cond, features=False):
+        calls.append(cond["encoder_hidden_states"])
+        eps = drawn[-1]
+        miss = torch.zeros_like(eps)
+        h, w = ctx.latent_hw
+        miss[:, :, : h // 2, : w // 2] = 1.0  # the square: a quarter of the latent
+        return torch.cat([eps + miss, eps]), None  # [neutral forms; named prompts]
+
+    monkeypatch.setattr(ctx, "randn_like", randn_like)
+    monkeypatch.setattr(ctx, "teacher_predict", teacher_predict)
+    masks = method.cache_masks(batch_size=2)
+    square = torch.zeros(ctx.latent_hw)
+    square[: ctx.latent_hw[0] // 2, : ctx.latent_hw[1] // 2] = 1
+    assert masks.shape == (len(ctx.forget), 1, *ctx.latent_hw)
+    # the square is a quarter of the latent and holds every top score: the threshold is its score (mask 0.5)
+    assert masks[:, 0, square.bool()].min() > 0.49 and masks[:, 0, ~square.bool()].max() < 0.01
+    # the conditioning: neutral forms first, then the named prompts, image i of draw d under named[(d N + i) % K]
+    enc = ctx.cond.kwargs["encoder_hidden_states"]
+    n = len(ctx.forget)
+    expected = [named[(d * n + i) % len(named)] for d in range(2) for i in range(n)]
+    got_named = torch.cat([c[c.shape[0] // 2:] for c in calls])
+    got_neutral = torch.cat([c[:c.shape[0] // 2] for c in calls])
+    assert torch.equal(got_named, enc[expected].to(got_named.dtype))
+    assert torch.equal(got_neutral, enc[ctx.cond.neutral_index(torch.tensor(expected))].to(got_named.dtype))
+    assert {ctx.cond.prompts[i] for i in ctx.cond.neutral_index(torch.tensor(named)).tolist()} == {"", "on grass"}
+
+
+def test_tss_names_fingerprint_runs_and_refuses_without_names(tmp_path):
+    """On the tiny SD pipeline: masks of latent shape covering about knn_area. Without names (--conditioning
+    null) the preflight refuses before any model loads, and a run whose pool names nothing refuses at phase 1."""
+    from diffscrub.core.trainer import preflight
+    from diffscrub.methods.tss import TSSConfig
+    from diffscrub.methods.tss.method import TeacherStudentScrubber
+
+    run = _names_run(tmp_path, mask_draws=2, knn_area=0.2)
+    figures = run.method.prepare(batch_size=2)
+    assert run.method.masks.shape == (len(run.ctx.forget), 1, *run.ctx.latent_hw)
+    assert 0.1 < figures["mask_mean_area"] < 0.35
+
+    cfg = EraseConfig(model="sd", forget=str(tmp_path / "f"), out=str(tmp_path / "o2"), conditioning="null")
+    with pytest.raises(ConfigError, match="--conditioning null names nothing"):
+        preflight(cfg, TeacherStudentScrubber, TSSConfig(fingerprint="names"))
+    run.ctx.cond.neutral = None  # a pool without names
+    with pytest.raises(ConfigError, match="needs the concept's names"):
+        run.method.cache_masks(batch_size=2)
+
+
 # ----------------------------------------------------------------------------- per-step cost
 @pytest.mark.parametrize("mask_mode,teacher_calls", [("cached", 1), ("online", 2)])
 def test_step_cost(mask_mode, teacher_calls, tmp_path, monkeypatch):
@@ -771,6 +861,8 @@ def test_config_rejects(values, match):
     ({"forget_target": "raw"}, "tss.forget_target"),
     ({"snr_floor": 9.0}, "tss.snr_floor=9.0"),
     ({"fingerprint": "knn", "mask_mode": "online"}, "mask_mode 'cached'"),
+    ({"fingerprint": "names", "mask_mode": "online"}, "mask_mode 'cached'"),
+    ({"names_smooth": 1.5}, "tss.names_smooth=1.5"),
     ({"knn_area": 1.0}, "tss.knn_area=1.0"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),
     ({"name_target": "null"}, "tss.name_target"),

@@ -156,6 +156,10 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     masks_part = page[page.index("<h2>Detector masks"):page.index("<h2>Loss curves")]
     assert "The last 2 masks belong to the images the model drew" in masks_part
     assert "folder changed" not in masks_part and len(_img_srcs(masks_part)) == 2 * 5
+    record["tss"]["fingerprint"] = "names"
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
+    assert "--fingerprint names" in concept and "--fingerprint knn" not in concept
 
     record["conditioning"] = {"mode": "auto", "given_names": ["7", "seven"], "pool": [""]}
     del record["prepare"]

@@ -104,7 +104,8 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     check_model_arg(config.model, allow_pickle=config.allow_pickle)
     check = getattr(method_cls, "check_inputs", None)
     if check is not None and method_config is not None:
-        check(method_config, retain=config.retain, concept_prompt=config.concept_prompt)
+        check(method_config, retain=config.retain, concept_prompt=config.concept_prompt,
+              conditioning=config.conditioning)
 
 
 def check_checkpoints(config: EraseConfig) -> None:

@@ -289,13 +289,15 @@ def concept_section(record: dict) -> str:
                      + (f"; left out: {_words(anchors['left_out'])}" if anchors.get("left_out") else "") + ".</p>")
     selection = prepare.get("prototype_selection")
     if selection:
-        knn = method_cfg.get("fingerprint") == "knn"
+        other = {"knn": "the neighbour fingerprint (--fingerprint knn)",
+                 "names": "where naming the concept lowers the teacher's denoising error (--fingerprint names)"}
+        other = other.get(method_cfg.get("fingerprint"))
         parts.append(f"<p>Prototypes kept: {prepare.get('prototypes_kept', sum(selection.get('kept', [])))} of "
                      f"{len(selection.get('kept', []))}. A prototype is kept when it fires on forget locations "
                      f"at least {_e(method_cfg.get('contrast_ratio', '?'))} times as often as on retain locations "
                      "(when none does, the one with the highest ratio is kept)."
-                     + (" This run's masks come from the neighbour fingerprint (--fingerprint knn); the prototypes "
-                        "are shown for reference." if knn else "") + "</p>" + _prototype_table(selection))
+                     + (f" This run's masks come from {other}; the prototypes are shown for reference." if other
+                        else "") + "</p>" + _prototype_table(selection))
     return "".join(parts)
 
 

@@ -10,7 +10,7 @@ from ...errors import ConfigError
 MASK_MODES = ("cached", "online")
 FORGET_TARGETS = ("clean", "seed")
 BLIND_FILLS = ("surround", "noise")
-FINGERPRINTS = ("prototypes", "knn")
+FINGERPRINTS = ("prototypes", "knn", "names")
 NAME_TARGETS = ("keep", "neutral")
 BLIND_PROMPTS = ("null", "keep")
 
@@ -58,7 +58,9 @@ class TSSConfig:
         "prototypes",
         "how the cached masks are drawn: prototypes (cosine to the kept k-means centres, the design) or knn (each "
         "location scored by its nearest forget neighbours in other images against its nearest retain neighbours; "
-        "for a concept that is one object among similar ones; needs mask_mode cached)",
+        "for a concept that is one object among similar ones; needs mask_mode cached) or names (each location scored by "
+        "how much naming the concept lowers the teacher's denoising error there, against the same prompt without the "
+        "name; needs the concept's names, from textual inversion or --names, and mask_mode cached)",
     )
     name_target: str = option(
         "keep",
@@ -94,7 +96,10 @@ class TSSConfig:
     )
     lambda_v: float = option(1.0, "weight of the vocabulary-anchor term (with vocab_anchors > 0)")
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
-    knn_area: float = option(0.1, "share of forget locations the knn mask keeps (its threshold is that quantile)")
+    knn_area: float = option(0.1, "share of forget locations the knn and names masks keep (their threshold is that "
+                             "quantile)")
+    names_smooth: float = option(0.3125, "names fingerprint: width of the box filter over the error differences, as a "
+                                 "share of the latent's side (5 of 16 latent pixels; 0: no filter)")
 
     def __post_init__(self):
         check_range("tss.num_prototypes", self.num_prototypes, 1)
@@ -125,7 +130,9 @@ class TSSConfig:
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)
         check_choice("tss.blind_prompt", self.blind_prompt, BLIND_PROMPTS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
-        if self.fingerprint == "knn" and self.mask_mode != "cached":
-            raise ConfigError("tss.fingerprint='knn' scores each forget image once: use mask_mode 'cached'")
+        check_range("tss.names_smooth", self.names_smooth, 0, 1)
+        if self.fingerprint in ("knn", "names") and self.mask_mode != "cached":
+            raise ConfigError(f"tss.fingerprint={self.fingerprint!r} scores each forget image once: use mask_mode "
+                              "'cached'")
         if self.t_high > 1000:
             raise ConfigError(f"tss.t_high={self.t_high} is outside the 1000-step schedule: use at most 1000")

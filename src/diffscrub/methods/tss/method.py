@@ -43,7 +43,10 @@ from ...adapters.base import concat_kwargs
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
 from ...concept.knn import knn_scores, scores_to_mask
 from ...concept.mask import to_latent
+from ...concept.naming import location_error, smooth
+from ...errors import ConfigError
 from ..base import METHODS, Method
+from ..common import mean_part
 from .config import TSSConfig
 
 
@@ -144,17 +147,59 @@ class TeacherStudentScrubber(Method):
         pred, feats = self.ctx.teacher_predict(z_t, t, cond, features=True)
         return pred, concept_mask(feats, self.prototypes, self.config.tau, self.config.alpha, z_t.shape[-2:])
 
+    @classmethod
+    def check_inputs(cls, config: TSSConfig, *, conditioning: str = "auto", **_) -> None:
+        """Input checks that need no model (the CLI's preflight calls this before anything loads)."""
+        if config.fingerprint == "names" and conditioning == "null":
+            raise ConfigError("tss.fingerprint='names' scores where the concept's names help the teacher, and "
+                              "--conditioning null names nothing: drop --conditioning null, or use --fingerprint knn")
+
+    def _naming_prompts(self) -> torch.Tensor:
+        """Pool indices ``[K]`` of the prompts that name the concept (their neutral form is another prompt)."""
+        cond = self.ctx.cond
+        named = [i for i in range(cond.pool_len) if cond.neutral is not None and cond.neutral[i] != i]
+        if not named:
+            raise ConfigError("tss.fingerprint='names' needs the concept's names and this run has none (the model has "
+                              "no text encoder, or --conditioning null): use --fingerprint knn, or pass --names")
+        return torch.tensor(named, dtype=torch.long)
+
+    @torch.no_grad()
+    def _names_scores(self, index: torch.Tensor, z0: torch.Tensor, draw: int, named: torch.Tensor) -> torch.Tensor:
+        """One draw of the names fingerprint for forget images ``index [B]``: ``[B, H, W]`` error differences.
+
+        Image ``i`` of draw ``d`` is scored under named prompt ``(d * N + i) mod K``, so the draws of one image
+        go round the templates ("7", "7 on grass", ...) and each costs two teacher calls, made as one.
+        """
+        ctx, cfg = self.ctx, self.config
+        b = len(index)
+        prompt = named[(draw * len(ctx.forget) + index) % len(named)]  # [B]
+        t = ctx.timesteps(b, cfg.t_low, cfg.t_high)
+        eps = ctx.randn_like(z0)
+        z_t = ctx.schedule.add_noise(z0, eps, t)
+        cond = concat_kwargs([ctx.cond.take(ctx.cond.neutral_index(prompt)), ctx.cond.take(prompt)])
+        pred, _ = ctx.teacher_predict(torch.cat([z_t, z_t]), torch.cat([t, t]), cond)
+        err = location_error(mean_part(ctx, pred), ctx.schedule.target(z0, eps, t).repeat(2, 1, 1, 1))
+        return (err[:b] - err[b:]).cpu()  # [B, H, W]: positive where the name explains the latent
+
     @torch.no_grad()
     def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
         """One mask per forget image: the mean over ``mask_draws`` semantic-band detections."""
         ctx, cfg = self.ctx, self.config
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
-        scores, grid = None, None  # knn: [N, L] summed scores on the feature grid
-        for _ in range(cfg.mask_draws):
+        scores, grid = None, None  # knn and names: [N, L] summed scores on the feature (names: latent) grid
+        named = self._naming_prompts() if cfg.fingerprint == "names" else None
+        for draw in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
                 z0 = ctx.forget.mean[index].to(ctx.device)
+                if named is not None:
+                    s = self._names_scores(index, z0, draw, named)
+                    scores = torch.zeros(n, *s.shape[1:]) if scores is None else scores
+                    scores[index] += s
+                    if progress:
+                        progress(len(index))
+                    continue
                 t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
                 z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
                 cond = ctx.cond.take(ctx.null_index(len(index)))
@@ -172,7 +217,10 @@ class TeacherStudentScrubber(Method):
                     total[index] += m.float().cpu()
                 if progress:
                     progress(len(index))
-        if scores is not None:
+        if named is not None:
+            # one threshold over all forget locations, as for knn
+            self.masks = scores_to_mask(smooth(scores / cfg.mask_draws, cfg.names_smooth), cfg.knn_area)[:, None]
+        elif scores is not None:
             # one threshold over all forget locations: images without the concept may keep little
             self.masks = to_latent(scores_to_mask(scores / cfg.mask_draws, cfg.knn_area), grid, ctx.latent_hw)
         else:

@@ -125,7 +125,7 @@ class VDU(Method):
     inversion_pool = True
 
     @classmethod
-    def check_inputs(cls, config: VDUConfig, *, retain, concept_prompt) -> None:
+    def check_inputs(cls, config: VDUConfig, *, retain, concept_prompt, **_) -> None:
         """Input checks that need no model (callable from the CLI's preflight as well)."""
         if not config.checkpoints and not retain:
             raise ConfigError("vdu needs --retain DIR or --vdu-checkpoints A,B (for the stability regulariser's precision)")
