@@ -60,6 +60,12 @@ class Conditioning:
     def anchor_prompts(self) -> list[str]:
         return self.prompts[self.pool_len:]
 
+    def named_indices(self) -> list[int]:
+        """Pool indices of the prompts that name the concept: those whose neutral form is another prompt."""
+        if self.neutral is None:
+            return []
+        return [i for i in range(self.pool_len) if self.neutral[i] != i]
+
     def neutral_index(self, index: torch.Tensor) -> torch.Tensor:
         """Pool indices of the neutral forms of prompts ``index [B]``."""
         if self.neutral is None:

@@ -10,8 +10,8 @@ classifier, here per location rather than per image:
     score(x) = E_{t, eps} [ e(z_t, c_neutral)(x) - e(z_t, c_named)(x) ]
 
 with ``e(z_t, c) = mean_channels (D(z_t, t, c) - target(z0, eps, t))^2`` the teacher's per-location
-denoising error, ``c_named`` a prompt that names the concept ("7 on grass") and ``c_neutral`` the same prompt with the name taken
-out ("on grass"; the null prompt for a bare name). Where the concept is, the name tells the teacher
+denoising error, ``c_named`` a prompt that names the concept ("7 on grass") and ``c_neutral`` the same
+prompt with the name taken out ("on grass"; the null prompt for a bare name). Where the concept is, the name tells the teacher
 what the noise hides and the error drops; elsewhere the two prompts explain the latent equally well.
 
 The per-location error of one draw is noisy, so the scores are averaged over draws and smoothed with

@@ -368,8 +368,7 @@ def add_name_samples(run: Run, log) -> dict | None:
     if not wanted:
         return None
     cond = ctx.cond
-    named = [p for i, p in enumerate(cond.prompts[:cond.pool_len])
-             if cond.neutral is not None and cond.neutral[i] != i and PLACEHOLDER not in p]
+    named = [cond.prompts[i] for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
     if not named:
         raise ConfigError("--name-samples draws prompts that name the concept, and this run has none (the model "
                           "has no text encoder, or the method keeps no names): drop --name-samples, or pass --names")

@@ -156,8 +156,7 @@ class TeacherStudentScrubber(Method):
 
     def _naming_prompts(self) -> torch.Tensor:
         """Pool indices ``[K]`` of the prompts that name the concept (their neutral form is another prompt)."""
-        cond = self.ctx.cond
-        named = [i for i in range(cond.pool_len) if cond.neutral is not None and cond.neutral[i] != i]
+        named = self.ctx.cond.named_indices()
         if not named:
             raise ConfigError("tss.fingerprint='names' needs the concept's names and this run has none (the model has "
                               "no text encoder, or --conditioning null): use --fingerprint knn, or pass --names")
@@ -181,13 +180,20 @@ class TeacherStudentScrubber(Method):
         err = location_error(mean_part(ctx, pred), ctx.schedule.target(z0, eps, t).repeat(2, 1, 1, 1))
         return (err[:b] - err[b:]).cpu()  # [B, H, W]: positive where the name explains the latent
 
+    def _null_draw(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """``(z_t, t, null conditioning)`` for clean latents ``z0 [B, C, H, W]`` at semantic-band timesteps."""
+        ctx, cfg = self.ctx, self.config
+        t = ctx.timesteps(z0.shape[0], cfg.t_low, cfg.t_high)
+        return ctx.schedule.add_noise(z0, ctx.randn_like(z0), t), t, ctx.cond.take(ctx.null_index(z0.shape[0]))
+
     @torch.no_grad()
     def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
         """One mask per forget image: the mean over ``mask_draws`` semantic-band detections."""
         ctx, cfg = self.ctx, self.config
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
-        scores, grid = None, None  # knn and names: [N, L] summed scores on the feature (names: latent) grid
+        # knn: [N, L] summed scores on the feature grid; names: [N, H, W] on the latent grid
+        scores, grid = None, None
         named = self._naming_prompts() if cfg.fingerprint == "names" else None
         for draw in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
@@ -197,13 +203,8 @@ class TeacherStudentScrubber(Method):
                     s = self._names_scores(index, z0, draw, named)
                     scores = torch.zeros(n, *s.shape[1:]) if scores is None else scores
                     scores[index] += s
-                    if progress:
-                        progress(len(index))
-                    continue
-                t = ctx.timesteps(len(index), cfg.t_low, cfg.t_high)
-                z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
-                cond = ctx.cond.take(ctx.null_index(len(index)))
-                if cfg.fingerprint == "knn":
+                elif cfg.fingerprint == "knn":
+                    z_t, t, cond = self._null_draw(z0)
                     _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
                     b, locations, dim = feats.vectors.shape
                     forget_bank, bank_images, retain_bank = self._knn_banks
@@ -213,7 +214,7 @@ class TeacherStudentScrubber(Method):
                     scores[index] += s.reshape(b, locations)
                     grid = feats.grid
                 else:
-                    _, m = self.detect(z_t, t, cond)
+                    _, m = self.detect(*self._null_draw(z0))
                     total[index] += m.float().cpu()
                 if progress:
                     progress(len(index))
