@@ -337,6 +337,70 @@ def test_tss_names_fingerprint_marks_where_the_name_lowers_the_error(tmp_path, m
     assert {ctx.cond.prompts[i] for i in ctx.cond.neutral_index(torch.tensor(named)).tolist()} == {"", "on grass"}
 
 
+def test_reference_mask_threshold_comes_from_the_reference_and_ignores_its_outliers():
+    from diffscrub.concept.naming import reference_mask, robust_spread
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(4000, generator=g)  # no concept: median 0, sigma 1
+    median, sigma = robust_spread(reference)
+    assert abs(float(median)) < 0.1 and abs(float(sigma) - 1) < 0.1
+    scores = torch.tensor([-1.0, 0.0, 2.0, 3.0, 4.0, 10.0])
+    mask = reference_mask(scores, reference, z=3.0)
+    assert mask[:3].max() < 0.05 and mask[-1] > 0.99 and abs(float(mask[3]) - 0.5) < 0.15  # 0.5 at z sigmas
+    # a tenth of the reference showing the concept (scores of 10) moves the threshold by under half a sigma,
+    # where the mean and standard deviation would put it at the concept's own scores
+    tainted = torch.cat([reference, torch.full((400,), 10.0)])
+    median, sigma = robust_spread(tainted)
+    assert 3.0 < float(median + 3 * sigma) < 3.5 and float(tainted.mean() + 3 * tainted.std()) > 9.5
+    assert reference_mask(scores, tainted, 3.0)[-1] > 0.99
+    assert reference_mask(scores, torch.zeros(10), 3.0)[2:].min() > 0.99  # a constant reference: all above it
+
+
+def test_tss_names_z_keeps_what_scores_above_the_reference_whatever_its_area(tmp_path, monkeypatch):
+    """A concept that fills every other forget image: with names_z the mask is all of those images and none
+    of the others, where a fixed area would cut it; the threshold comes from the contrast images' scores,
+    which are drawn once per run (the contrastive selection reads the same samples)."""
+    run = _names_run(tmp_path, mask_draws=2, names_smooth=0.0, names_z=3.0)
+    ctx, method = run.ctx, run.method
+    n, generated, calls = len(ctx.forget), [], []
+    real_generate = ctx.generate_latents
+
+    def generate_latents(*a, **k):
+        generated.append(1)
+        return real_generate(*a, **k)
+
+    def teacher_predict(z_t, t, cond, features=False):
+        if features:  # phase 1's prototype pass: the real teacher
+            return real_teacher(z_t, t, cond, features=True)
+        calls.append(1)
+        b = z_t.shape[0] // 2
+        eps = target_noise[-1]
+        g = torch.Generator().manual_seed(len(calls))
+        neutral = eps + 0.1 * torch.randn(eps.shape, generator=g)  # the reference: small differences both ways
+        forget_call = len(calls) <= 2 * ((n + 1) // 2)
+        if forget_call:
+            neutral = eps.clone()
+            neutral[0::2] += 1.0  # images 0, 2, ... (row 0 of each batch of 2): the concept everywhere
+        return torch.cat([neutral, eps]), None
+
+    target_noise = []
+    real_teacher, real_randn = ctx.teacher_predict, ctx.randn_like
+    monkeypatch.setattr(ctx, "generate_latents", generate_latents)
+    monkeypatch.setattr(ctx, "randn_like", lambda x: target_noise.append(real_randn(x)) or target_noise[-1])
+    monkeypatch.setattr(ctx, "teacher_predict", teacher_predict)
+    figures = method.prepare(batch_size=2)
+    masks = method.masks[:, 0]
+    assert masks[0::2].min() > 0.99 and masks[1::2].max() < 0.01
+    assert abs(figures["mask_mean_area"] - masks[0::2].numel() / masks.numel()) < 0.01
+    assert len(generated) == 1 and len(calls) == 2 * ((n + 1) // 2) + 2 * 1  # forget, then 2 contrast images
+    # a fixed area of 0.25 puts its threshold inside the concept's half of the scores: the concept images
+    # get 0.5, never all of it
+    method.config.names_z, method.config.knn_area = 0.0, 0.25
+    calls.clear()
+    fixed = method.cache_masks(batch_size=2)[:, 0]
+    assert fixed[0::2].max() < 0.51 and fixed[1::2].max() < 0.01
+
+
 def test_tss_names_fingerprint_runs_and_refuses_without_names(tmp_path):
     """On the tiny SD pipeline: masks of latent shape covering about knn_area. Without names (--conditioning
     null) the preflight refuses before any model loads, and a run whose pool names nothing refuses at phase 1."""
@@ -863,6 +927,8 @@ def test_config_rejects(values, match):
     ({"fingerprint": "knn", "mask_mode": "online"}, "mask_mode 'cached'"),
     ({"fingerprint": "names", "mask_mode": "online"}, "mask_mode 'cached'"),
     ({"names_smooth": 1.5}, "tss.names_smooth=1.5"),
+    ({"names_z": 3.0}, "add --fingerprint names"),
+    ({"names_z": -1.0, "fingerprint": "names"}, "tss.names_z=-1.0"),
     ({"knn_area": 1.0}, "tss.knn_area=1.0"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),
     ({"name_target": "null"}, "tss.name_target"),

@@ -160,6 +160,11 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
     assert "--fingerprint names" in concept and "--fingerprint knn" not in concept
+    assert "robust standard deviations" not in concept  # a fixed area: no threshold to tell
+    record["tss"]["names_z"] = 2.5
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
+    assert "median by 2.5 robust standard deviations" in concept
 
     record["conditioning"] = {"mode": "auto", "given_names": ["7", "seven"], "pool": [""]}
     del record["prepare"]

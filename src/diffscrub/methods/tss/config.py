@@ -98,6 +98,10 @@ class TSSConfig:
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
     knn_area: float = option(0.1, "share of forget locations the knn and names masks keep (their threshold is that "
                              "quantile)")
+    names_z: float = option(0.0, "names fingerprint: 0 keeps the top knn_area share of forget locations; z > 0 keeps "
+                            "those scoring above the median of the same scores on the contrast images (retain "
+                            "folder, else null-prompt samples) by z robust standard deviations, so the area follows "
+                            "the concept (all of an image it fills)")
     names_smooth: float = option(0.3125, "names fingerprint: width of the box filter over the error differences, as a "
                                  "share of the latent's side (5 of 16 latent pixels; 0: no filter)")
 
@@ -131,6 +135,10 @@ class TSSConfig:
         check_choice("tss.blind_prompt", self.blind_prompt, BLIND_PROMPTS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         check_range("tss.names_smooth", self.names_smooth, 0, 1)
+        check_range("tss.names_z", self.names_z, 0)
+        if self.names_z > 0 and self.fingerprint != "names":
+            raise ConfigError(f"tss.names_z={self.names_z} sets the names fingerprint's threshold and this run uses "
+                              f"fingerprint {self.fingerprint!r}: add --fingerprint names, or drop --names-z")
         if self.fingerprint in ("knn", "names") and self.mask_mode != "cached":
             raise ConfigError(f"tss.fingerprint={self.fingerprint!r} scores each forget image once: use mask_mode "
                               "'cached'")

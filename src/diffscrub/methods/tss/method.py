@@ -43,7 +43,7 @@ from ...adapters.base import concat_kwargs
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
 from ...concept.knn import knn_scores, scores_to_mask
 from ...concept.mask import to_latent
-from ...concept.naming import location_error, smooth
+from ...concept.naming import location_error, reference_mask, smooth
 from ...errors import ConfigError
 from ..base import METHODS, Method
 from ..common import mean_part
@@ -90,6 +90,7 @@ class TeacherStudentScrubber(Method):
         self.selection = None  # PrototypeSelection when contrastive
         self.masks: torch.Tensor | None = None  # [N, 1, H, W] cached masks of the forget images
         self._knn_banks = None  # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D])
+        self._contrast = None  # latents of null-prompt samples, when there is no retain folder
 
     # ------------------------------------------------------------------ phase 1
     def _band_vectors(self, cache, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +113,16 @@ class TeacherStudentScrubber(Method):
         return torch.cat(vectors), torch.cat(images)
 
     def _contrast_cache(self):
-        """Retain latents, or latents of null-prompt samples the model generates itself."""
+        """Retain latents, or latents of null-prompt samples the model generates itself (drawn once per run:
+        the contrastive selection and the names fingerprint's reference read the same ones)."""
         ctx, cfg = self.ctx, self.config
         if ctx.retain is not None:
             return ctx.retain
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-        return ctx.generate_latents([""] * cfg.contrast_samples, steps=cfg.contrast_sample_steps, seed=seed,
-                                    batch_size=self._batch)
+        if self._contrast is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
+            self._contrast = ctx.generate_latents([""] * cfg.contrast_samples, steps=cfg.contrast_sample_steps,
+                                                  seed=seed, batch_size=self._batch)
+        return self._contrast
 
     @torch.no_grad()
     def fit(self, batch_size: int, progress=None) -> torch.Tensor:
@@ -163,15 +167,16 @@ class TeacherStudentScrubber(Method):
         return torch.tensor(named, dtype=torch.long)
 
     @torch.no_grad()
-    def _names_scores(self, index: torch.Tensor, z0: torch.Tensor, draw: int, named: torch.Tensor) -> torch.Tensor:
-        """One draw of the names fingerprint for forget images ``index [B]``: ``[B, H, W]`` error differences.
+    def _names_scores(self, cache, index: torch.Tensor, draw: int, named: torch.Tensor) -> torch.Tensor:
+        """One draw of the names fingerprint for images ``index [B]`` of ``cache``: ``[B, H, W]`` error differences.
 
         Image ``i`` of draw ``d`` is scored under named prompt ``(d * N + i) mod K``, so the draws of one image
         go round the templates ("7", "7 on grass", ...) and each costs two teacher calls, made as one.
         """
         ctx, cfg = self.ctx, self.config
+        z0 = cache.mean[index].to(ctx.device)  # [B, C, H, W] posterior mean, for stable detection
         b = len(index)
-        prompt = named[(draw * len(ctx.forget) + index) % len(named)]  # [B]
+        prompt = named[(draw * len(cache) + index) % len(named)]  # [B]
         t = ctx.timesteps(b, cfg.t_low, cfg.t_high)
         eps = ctx.randn_like(z0)
         z_t = ctx.schedule.add_noise(z0, eps, t)
@@ -179,6 +184,29 @@ class TeacherStudentScrubber(Method):
         pred, _ = ctx.teacher_predict(torch.cat([z_t, z_t]), torch.cat([t, t]), cond)
         err = location_error(mean_part(ctx, pred), ctx.schedule.target(z0, eps, t).repeat(2, 1, 1, 1))
         return (err[:b] - err[b:]).cpu()  # [B, H, W]: positive where the name explains the latent
+
+    def _names_field(self, cache, named: torch.Tensor, progress=None) -> torch.Tensor:
+        """Names scores of every image of ``cache``, averaged over ``mask_draws`` and box-filtered: ``[N, H, W]``."""
+        cfg, n, total = self.config, len(cache), None
+        for draw in range(cfg.mask_draws):
+            for start in range(0, n, self._batch):
+                index = torch.arange(start, min(n, start + self._batch))
+                s = self._names_scores(cache, index, draw, named)
+                total = torch.zeros(n, *s.shape[1:]) if total is None else total
+                total[index] += s
+                if progress:
+                    progress(len(index))
+        return smooth(total / cfg.mask_draws, cfg.names_smooth)
+
+    def _names_masks(self, progress=None) -> torch.Tensor:
+        """``[N, 1, H, W]`` masks of the names fingerprint: the top ``knn_area`` share of the forget images'
+        scores, or (``names_z > 0``) the scores above the contrast images' by ``names_z`` robust sigmas."""
+        cfg, named = self.config, self._naming_prompts()
+        scores = self._names_field(self.ctx.forget, named, progress)
+        if cfg.names_z > 0:
+            reference = self._names_field(self._contrast_cache(), named)
+            return reference_mask(scores, reference, cfg.names_z)[:, None]
+        return scores_to_mask(scores, cfg.knn_area)[:, None]  # one threshold over all forget locations
 
     def _null_draw(self, z0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """``(z_t, t, null conditioning)`` for clean latents ``z0 [B, C, H, W]`` at semantic-band timesteps."""
@@ -190,20 +218,18 @@ class TeacherStudentScrubber(Method):
     def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
         """One mask per forget image: the mean over ``mask_draws`` semantic-band detections."""
         ctx, cfg = self.ctx, self.config
+        self._batch = batch_size
+        if cfg.fingerprint == "names":
+            self.masks = self._names_masks(progress)
+            return self.masks
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
-        # knn: [N, L] summed scores on the feature grid; names: [N, H, W] on the latent grid
-        scores, grid = None, None
-        named = self._naming_prompts() if cfg.fingerprint == "names" else None
+        scores, grid = None, None  # knn: [N, L] summed scores on the feature grid
         for draw in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
                 z0 = ctx.forget.mean[index].to(ctx.device)
-                if named is not None:
-                    s = self._names_scores(index, z0, draw, named)
-                    scores = torch.zeros(n, *s.shape[1:]) if scores is None else scores
-                    scores[index] += s
-                elif cfg.fingerprint == "knn":
+                if cfg.fingerprint == "knn":
                     z_t, t, cond = self._null_draw(z0)
                     _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
                     b, locations, dim = feats.vectors.shape
@@ -218,10 +244,7 @@ class TeacherStudentScrubber(Method):
                     total[index] += m.float().cpu()
                 if progress:
                     progress(len(index))
-        if named is not None:
-            # one threshold over all forget locations, as for knn
-            self.masks = scores_to_mask(smooth(scores / cfg.mask_draws, cfg.names_smooth), cfg.knn_area)[:, None]
-        elif scores is not None:
+        if scores is not None:
             # one threshold over all forget locations: images without the concept may keep little
             self.masks = to_latent(scores_to_mask(scores / cfg.mask_draws, cfg.knn_area), grid, ctx.latent_hw)
         else:
