@@ -63,6 +63,11 @@ def scores_to_mask(scores: torch.Tensor, area: float, softness: float = 0.25) ->
     of cosines have no fixed scale across models and layers.
     """
     flat = scores.flatten().float()
-    threshold = torch.quantile(flat, 1.0 - area)
-    spread = flat.std().clamp_min(1e-8)
-    return torch.sigmoid((scores.float() - threshold) / (softness * spread))
+    return soft_threshold(scores, torch.quantile(flat, 1.0 - area), flat.std(), softness)
+
+
+def soft_threshold(scores: torch.Tensor, threshold: torch.Tensor, spread: torch.Tensor,
+                   softness: float = 0.25) -> torch.Tensor:
+    """``sigmoid((scores - threshold) / (softness * spread))``: 0.5 at the threshold, and ``softness`` spreads
+    take the mask from 0.27 to 0.73 (a spread of 0, a constant field, is read as 1e-8: a hard step)."""
+    return torch.sigmoid((scores.float() - threshold) / (softness * spread.clamp_min(1e-8)))

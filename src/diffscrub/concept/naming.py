@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .knn import soft_threshold
+
 
 def location_error(pred_mean: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-location squared error, averaged over channels: ``[B, C, H, W]`` x2 -> ``[B, H, W]``."""
@@ -77,4 +79,4 @@ def reference_mask(scores: torch.Tensor, reference: torch.Tensor, z: float, soft
     """
     median, sigma = robust_spread(reference)
     sigma = sigma.clamp_min(1e-8)  # a constant reference: any score above it is kept
-    return torch.sigmoid((scores.float() - (median + z * sigma)) / (softness * sigma))
+    return soft_threshold(scores, median + z * sigma, sigma, softness)
