@@ -615,7 +615,9 @@ def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
     assert torch.allclose(ctx.forget.mean[n_images:], expected, atol=1e-5)
     assert sorted(ctx.forget_sampler.next(n_images + 3).tolist()) == list(range(n_images + 3))
 
-    folder = save_checkpoint(tmp_path / "ck", 1, student=ctx.student, optimizer=torch.optim.AdamW(run.params),
+    trainable = {n: p for n, p in ctx.student.named_parameters() if p.requires_grad}
+    folder = save_checkpoint(tmp_path / "ck", 1, trainable=trainable,
+                             optimizer_state=torch.optim.AdamW(run.params).state_dict(),
                              ctx=ctx, method=run.method, history=[], identity="x")
     again = start()
     restore_forget_extra(folder, again.ctx)

@@ -136,6 +136,86 @@ def test_sigterm_stops_every_process_and_resume_matches(runs, tmp_path):
         assert torch.allclose(got[key], expected[key], rtol=0, atol=1e-6), key
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(runs, tmp_path_factory):
+    """The two-process run again with the student sharded (--fsdp) instead of replicated."""
+    model, forget, _, _, _ = runs
+    out = tmp_path_factory.mktemp("fsdp") / "sharded"
+    proc = subprocess.run(_torchrun(2, *_erase_args(model, forget, out), "--fsdp"), env=_env(), capture_output=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return out
+
+
+def test_sharded_student_matches_one_process(runs, fsdp_run):
+    """--fsdp: weights, gradients and Adam state split over two ranks, checkpoints (every step here) and the output
+    gathered whole; the result is the single-process run's, and the folder loads as a plain pipeline."""
+    from diffusers import UNet2DConditionModel
+
+    model, _, single, _, _ = runs
+    expected, got, original = _unet(single), _unet(fsdp_run), _unet(model)
+    assert expected.keys() == got.keys()
+    for key in expected:  # the same tolerance as DDP: float-level differences of a split batch
+        assert torch.allclose(got[key], expected[key], rtol=0, atol=5e-5), key
+    update = sum(float((expected[k].double() - original[k].double()).pow(2).sum()) for k in expected) ** 0.5
+    diff = sum(float((got[k].double() - expected[k].double()).pow(2).sum()) for k in expected) ** 0.5
+    assert update > 0.05 and diff / update < 1e-3, (diff, update)
+    a = json.loads((single / "diffscrub.json").read_text())
+    b = json.loads((fsdp_run / "diffscrub.json").read_text())
+    assert b["world_size"] == 2 and b["config"]["fsdp"] is True
+    assert a["trainable_parameters"] == b["trainable_parameters"]  # counted whole, not per shard
+    for ra, rb in zip(a["losses"], b["losses"], strict=True):
+        assert rb["total"] == pytest.approx(ra["total"], rel=1e-4, abs=1e-6), ra["step"]
+    # diffusers writes the class name: it must be the model's own, not fully_shard's subclass
+    assert json.loads((fsdp_run / "unet" / "config.json").read_text())["_class_name"] == "UNet2DConditionModel"
+    assert isinstance(UNet2DConditionModel.from_pretrained(str(fsdp_run / "unet")), UNet2DConditionModel)
+
+
+@pytest.mark.slow  # two more launches (~40 s on 2 busy cores)
+def test_sharded_run_resumes_after_sigterm(runs, fsdp_run, tmp_path):
+    """A sharded run stopped by SIGTERM resumes (whole tensors and the name-keyed Adam state re-sharded) to the
+    uninterrupted sharded run's weights."""
+    from diffscrub.core.checkpoint import checkpoint_root, complete_checkpoints
+
+    model, forget, _, _, _ = runs
+    out = tmp_path / "out"
+    args = [*_erase_args(model, forget, out), "--fsdp"]
+    proc = subprocess.Popen(_torchrun(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not complete_checkpoints(checkpoint_root(out)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert complete_checkpoints(checkpoint_root(out)) and not out.exists(), err.decode()[-3000:]
+    resumed = subprocess.run(_torchrun(2, *args, "--resume"), env=_env(), capture_output=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    expected, got = _unet(fsdp_run), _unet(out)
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], rtol=0, atol=1e-6), key
+
+
+def test_fsdp_refusals(tmp_path):
+    """--fsdp without a launcher, with LoRA or with --compile: one line each, before anything loads."""
+    from diffscrub.config import EraseConfig
+    from diffscrub.core import distributed
+    from diffscrub.errors import ConfigError
+
+    base = dict(model="sd", forget=str(tmp_path), out=str(tmp_path / "o"), fsdp=True)
+    with pytest.raises(ConfigError, match="one: launch with torchrun"):
+        distributed.setup(EraseConfig(**base))
+    with pytest.raises(ConfigError, match="LoRA the frozen base is also the teacher"):
+        EraseConfig(**base, lora_rank=4)
+    with pytest.raises(ConfigError, match="--fsdp with --compile"):
+        EraseConfig(**base, compile=True)
+    cli = subprocess.run([sys.executable, "-m", "diffscrub", "erase", "--model", "sd", "--forget", str(tmp_path),
+                          "--out", str(tmp_path / "o"), "--fsdp"], env=_env(), capture_output=True, timeout=120)
+    lines = cli.stderr.decode().strip().splitlines()
+    assert cli.returncode == 2 and len(lines) == 1 and "--fsdp" in lines[0], cli.stderr.decode()
+    assert not (tmp_path / "o").exists()
+
+
 def test_global_batch_must_split_evenly(tmp_path, monkeypatch):
     """Under a launcher --batch-size is the global batch: one that does not split over the ranks is refused
     before anything loads (checked in-process: the launcher's environment is all it takes)."""

@@ -161,6 +161,18 @@ PRECISIONS = ("no", "fp16", "bf16")
 CONDITIONING = ("auto", "null", "inversion", "prompts")
 
 
+def check_fsdp(config) -> None:
+    """--fsdp shards the student, so it cannot share weights with the teacher (LoRA: the frozen base is the
+    teacher) nor go through the compiled-callable path; called again once a method has chosen ``trainable``."""
+    if not config.fsdp:
+        return
+    if config.trainable == "lora":
+        raise ConfigError("--fsdp shards the student, but with LoRA the frozen base is also the teacher and every "
+                          "process needs it whole: drop --fsdp (LoRA's trainable state is small; plain DDP fits)")
+    if config.compile:
+        raise ConfigError("--fsdp with --compile is not supported yet: drop one of them")
+
+
 @dataclass
 class EraseConfig:
     """Everything about an erase run except the method's own options.
@@ -216,6 +228,9 @@ class EraseConfig:
     gradient_checkpointing: bool = option(False, "recompute student activations in the backward pass to save memory")
     compile: bool = option(False, "torch.compile the student and teacher denoisers (the first steps are slow while "
                            "they compile; on the CPU, inductor needs a C++ compiler)")
+    fsdp: bool = option(False, "under a launcher (torchrun, accelerate launch): shard the student's weights, gradients "
+                        "and Adam state over the processes (FSDP2) instead of giving each a full copy (DDP); for a "
+                        "full or attention fine-tune too big for one device (not with LoRA or --compile)")
     overwrite: bool = option(False, "replace a non-empty --out folder")
     allow_pickle: bool = option(False, "allow loading pickle (.ckpt/.bin/.pt) checkpoints, which can run arbitrary code")
     trust_remote_code: bool = option(False, "allow hub pipelines that need custom code")
@@ -251,6 +266,7 @@ class EraseConfig:
         check_range("lora_rank", self.lora_rank, 0)
         if self.trainable == "lora" and self.lora_rank < 1:
             raise ConfigError("trainable='lora' needs a rank: pass --lora-rank N (for example 4)")
+        check_fsdp(self)
         if self.lora_alpha is not None:
             check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
         if self.resolution is not None:

@@ -97,17 +97,21 @@ def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, method, history, identity: str,
-                    extra: dict | None = None, keep: int = 2) -> pathlib.Path:
+def save_checkpoint(root: pathlib.Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict, ctx,
+                    method, history, identity: str, extra: dict | None = None, keep: int = 2) -> pathlib.Path:
     """Write checkpoint ``step`` atomically; keep the newest ``keep`` complete ones.
+
+    ``trainable``: the student's trainable tensors by name and ``optimizer_state``: the optimizer's state dict,
+    both whole (:meth:`Distributed.trainable_tensors` and :meth:`Distributed.optimizer_state` gather them
+    when the student is sharded).
 
     A full disk gives a one-line error naming the checkpoint that is still intact.
     """
     final = checkpoint_path(root, step)
     tmp = root / f"{PREFIX}{step:07d}.tmp-{os.getpid()}"
     try:
-        _write(root, tmp, step, student=student, optimizer=optimizer, ctx=ctx, method=method, history=history,
-               identity=identity, extra=extra)
+        _write(root, tmp, step, trainable=trainable, optimizer_state=optimizer_state, ctx=ctx, method=method,
+               history=history, identity=identity, extra=extra)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -126,7 +130,7 @@ def save_checkpoint(root: pathlib.Path, step: int, *, student, optimizer, ctx, m
     return final
 
 
-def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimizer, ctx, method, history,
+def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, trainable, optimizer_state, ctx, method, history,
            identity: str, extra: dict | None) -> None:
     """Everything of one checkpoint into ``tmp`` (renamed into place by the caller)."""
     from safetensors.torch import save_file
@@ -134,14 +138,14 @@ def _write(root: pathlib.Path, tmp: pathlib.Path, step: int, *, student, optimiz
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in student.named_parameters() if p.requires_grad}
+    tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
     tensors.update({f"method.{k}": v.detach().cpu().contiguous() for k, v in method.state_dict().items()})
     tensors.update({k: v.detach().cpu().contiguous() for k, v in _flatten_cond(ctx.cond.kwargs).items()})
     if ctx.forget_extra is not None:  # images drawn in phase 1 (--name-samples): random, so kept, not redrawn
         tensors.update({f"{FORGET_EXTRA}.mean": ctx.forget_extra.mean.contiguous(),
                         f"{FORGET_EXTRA}.std": ctx.forget_extra.std.contiguous()})
     save_file(unshared(tensors), str(tmp / "state.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     meta = {
         "step": step, "identity": identity, "prompts": ctx.cond.prompts, "neutral": ctx.cond.neutral,
         "pool_size": ctx.cond.pool_size, "history": history,
@@ -184,7 +188,11 @@ def restore_forget_extra(folder: pathlib.Path, ctx) -> None:
 
 
 def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, identity: str) -> dict[str, Any]:
-    """Restore everything :func:`save_checkpoint` wrote; returns the meta dict (step, history, extra)."""
+    """Restore everything :func:`save_checkpoint` wrote; returns the meta dict (step, history, extra).
+
+    ``student`` must still be whole (not yet sharded). ``optimizer=None`` leaves the optimizer state for the
+    caller (:func:`load_optimizer_state`): a sharded student's optimizer only exists after sharding.
+    """
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "meta.json").read_text())
@@ -204,13 +212,18 @@ def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, id
 
     ctx.cond = Conditioning(meta["prompts"], _restore_cond(ctx.cond.kwargs, tensors), meta.get("neutral"),
                             meta.get("pool_size"))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    if optimizer is not None:
+        optimizer.load_state_dict(load_optimizer_state(folder))
     ctx.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     ctx.forget_sampler.load_state_dict(meta["forget_sampler"])
     if ctx.retain_sampler and meta["retain_sampler"]:
         ctx.retain_sampler.load_state_dict(meta["retain_sampler"])
     return meta
+
+
+def load_optimizer_state(folder: pathlib.Path) -> dict:
+    return torch.load(folder / "optimizer.pt", weights_only=True)
 
 
 def clean_partial(root: pathlib.Path) -> None:

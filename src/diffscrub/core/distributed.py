@@ -14,6 +14,13 @@ data parallelism: ``--batch-size`` is the GLOBAL batch and each of the ``W`` ran
   generator state) are broadcast. Methods with ``resumable_state = False`` run ``prepare`` on every
   rank instead, from the same generator state.
 * Only the main process writes (checkpoints, the output folder); the others wait at a barrier.
+* ``--fsdp`` shards the student instead of replicating it (FSDP2, ``fully_shard``): each block of the
+  denoiser (the children of its top-level ``ModuleList`` s) and then the whole model. Weights, gradients
+  and Adam state are split over the ranks; the forward and backward passes gather a block's weights
+  when they reach it, and gradients are reduce-scattered as means, the same mean DDP takes. The teacher
+  stays whole on every rank (frozen, and half precision under ``--mixed-precision``), which is why LoRA,
+  whose frozen base is the teacher, is refused. Checkpoints and the output hold the full tensors,
+  gathered by every rank and written by the main process.
 
 Without a launcher nothing here is used: :func:`setup` returns :data:`SINGLE` and the trainer runs as
 it always did.
@@ -44,8 +51,10 @@ def launched() -> bool:
 class Distributed:
     """This process's place in the run and the few collectives the trainer needs (no-ops alone)."""
 
-    def __init__(self, accelerator=None):
+    def __init__(self, accelerator=None, fsdp: bool = False):
         self.accelerator = accelerator
+        self.fsdp = fsdp and accelerator is not None
+        self._plain_class: type | None = None  # the student's class before fully_shard subclassed it
         if accelerator is None:
             self.rank, self.world, self.device = 0, 1, None
         else:
@@ -81,10 +90,83 @@ class Distributed:
 
     def wrap(self, model: torch.nn.Module):
         """What the student's training forward should call: the DDP-wrapped model (gradients averaged over
-        ranks), seen through :class:`DDPStudent` so that attribute look-ups still reach the model."""
+        ranks), seen through :class:`DDPStudent` so that attribute look-ups still reach the model. Under
+        ``--fsdp`` the model itself, sharded in place: its parameters are new (sharded) tensors, so an
+        optimizer must be built over them afterwards."""
         if not self.enabled:
             return model
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            self._plain_class = type(model)
+            for child in list(model.children()):
+                if isinstance(child, torch.nn.ModuleList):  # the denoiser's blocks: one gather unit each
+                    for block in child:
+                        if any(True for _ in block.parameters()):
+                            fully_shard(block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            return model
         return DDPStudent(self.accelerator.prepare_model(model), model)
+
+    # Under --fsdp the three calls below are collectives: every rank must make them, in the same order.
+    def trainable_tensors(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full trainable tensors by name, on the CPU, for the main process (None elsewhere)."""
+        if self.fsdp:
+            full = self._full_state(model)
+            if not self.is_main:
+                return None
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            return {n: v for n, v in full.items() if n in names}
+        if not self.is_main:
+            return None
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    def optimizer_state(self, model: torch.nn.Module, optimizer) -> dict | None:
+        """The optimizer's full state for the main process (None elsewhere); keyed by parameter name under
+        --fsdp, by position otherwise (a checkpoint is only resumed with the same options)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            state = get_optimizer_state_dict(model, optimizer,
+                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return state if self.is_main else None
+        return optimizer.state_dict() if self.is_main else None
+
+    def load_optimizer_state(self, model: torch.nn.Module, optimizer, state: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+
+    def unsharded(self, model: torch.nn.Module) -> torch.nn.Module | None:
+        """A plain copy of a sharded student with its full weights (on the CPU) for the main process, None
+        elsewhere; without --fsdp the model itself. Saving needs the plain class: diffusers writes the class
+        name into the folder, and fully_shard subclassed it."""
+        if not self.fsdp:
+            return model
+        full = self._full_state(model)
+        if not self.is_main:
+            return None
+        with torch.device("meta"):
+            plain = self._plain_class.from_config(model.config)
+        plain.load_state_dict(full, assign=True)
+        for name, buffer in model.named_buffers():  # non-persistent buffers are in no state dict
+            owner, _, attr = name.rpartition(".")
+            holder = plain.get_submodule(owner)
+            if getattr(holder, attr).is_meta:
+                holder._buffers[attr] = buffer.detach().cpu()
+        return plain.train(model.training)
+
+    @staticmethod
+    def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 SINGLE = Distributed()
@@ -114,6 +196,9 @@ def setup(config) -> Distributed:
     Raises :class:`ConfigError` when the global batch does not split evenly over the processes.
     """
     if not launched():
+        if getattr(config, "fsdp", False):
+            raise ConfigError("--fsdp shards the student over several processes, and this is one: launch with "
+                              "torchrun or accelerate launch, or drop --fsdp")
         return SINGLE
     world = int(os.environ["WORLD_SIZE"])
     if config.batch_size % world:
@@ -136,12 +221,12 @@ def setup(config) -> Distributed:
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=TIMEOUT)])
     if accelerator.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
         raise ConfigError(
-            f"accelerate set up {accelerator.distributed_type.value}: diffscrub trains with plain DDP only "
-            "(no FSDP, DeepSpeed or Megatron yet): launch without those options"
+            f"accelerate set up {accelerator.distributed_type.value}: diffscrub runs DDP, or its own sharding "
+            "with --fsdp (no DeepSpeed or Megatron): launch without accelerate's FSDP/DeepSpeed options"
         )
     if accelerator.num_processes != world:
         raise ConfigError(f"WORLD_SIZE={world} but accelerate started {accelerator.num_processes} processes")
-    return Distributed(accelerator)
+    return Distributed(accelerator, fsdp=bool(getattr(config, "fsdp", False)))
 
 
 # --------------------------------------------------------------------------- Phase 1 results

@@ -24,13 +24,13 @@ import torch
 
 from ..adapters import adapter_for
 from ..adapters.base import Conditioning
-from ..config import EraseConfig, build, to_dict
+from ..config import EraseConfig, build, check_fsdp, to_dict
 from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
 from . import distributed
 from .context import ErasureContext, LatentCache
 from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
-                         restore_forget_extra, run_identity, save_checkpoint, unshared)
+                         load_optimizer_state, restore_forget_extra, run_identity, save_checkpoint, unshared)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -218,6 +218,7 @@ def setup_run(
     auto_trainable = config.trainable is None
     if auto_trainable:
         config.trainable = method_cls.default_trainable
+        check_fsdp(config)
     if pipe is None:
         preflight(config, method_cls, method_config)
     else:
@@ -484,8 +485,9 @@ def erase(
         restore_forget_extra(resume_from, ctx)
         if not method.resumable_state:
             method.prepare(batch_size=config.batch_size)
-        meta = load_checkpoint(resume_from, student=student, optimizer=optimizer, ctx=ctx, method=method,
-                               identity=identity)
+        # A sharded student's optimizer is built (and its state loaded) after sharding, below.
+        meta = load_checkpoint(resume_from, student=student, optimizer=None if dist.fsdp else optimizer, ctx=ctx,
+                               method=method, identity=identity)
         start, history = meta["step"] + 1, meta["history"]
         inversion, prepare_figures = meta["extra"].get("inversion"), meta["extra"].get("prepare", {})
         timing.update({k: v for k, v in meta["extra"].get("timing", {}).items() if k not in timing})
@@ -530,6 +532,11 @@ def erase(
         local_batch = config.batch_size // dist.world
         ctx.shard(dist.rank, dist.world)
         ctx.student_forward = dist.wrap(student)
+        if dist.fsdp:  # the student's parameters are now shards: a fresh optimizer over them
+            params = [p for p in student.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+            if resume_from is not None:
+                dist.load_optimizer_state(student, optimizer, load_optimizer_state(resume_from))
         if config.compile:  # the DDP module compiled, behind the same proxy (adapters read model.config)
             ctx.student_forward = distributed.DDPStudent(torch.compile(ctx.student_forward._wrapped), student)
 
@@ -538,9 +545,10 @@ def erase(
         extra = {"inversion": inversion, "prepare": prepare_figures,
                  "timing": {k: v for k, v in timing.items() if k in ("inversion_s", "phase1_s", "encode_s")}}
         path = checkpoint_path(root, step)
+        trainable, optimizer_state = dist.trainable_tensors(student), dist.optimizer_state(student, optimizer)
         if main:
-            path = save_checkpoint(root, step, student=student, optimizer=optimizer, ctx=ctx, method=method,
-                                   history=history, identity=identity, extra=extra)
+            path = save_checkpoint(root, step, trainable=trainable, optimizer_state=optimizer_state, ctx=ctx,
+                                   method=method, history=history, identity=identity, extra=extra)
         dist.barrier()
         return path
 
@@ -626,6 +634,12 @@ def erase(
     if dist.enabled:
         record["world_size"] = dist.world
     t4 = time.perf_counter()
+    if dist.fsdp:  # every rank helps gather the shards; the main process saves a whole, plain copy
+        whole = dist.unsharded(student)
+        if main:
+            name = next(k for k, v in pipe.components.items() if v is student)
+            setattr(pipe, name, whole)
+            student = whole
     if main:
         with atomic_dir(config.out, overwrite=config.overwrite) as tmp:
             if config.trainable == "lora":
