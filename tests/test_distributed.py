@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import socket
 import subprocess
@@ -141,10 +142,11 @@ def fsdp_run(runs, tmp_path_factory):
     """The two-process run again with the student sharded (--fsdp) instead of replicated."""
     model, forget, _, _, _ = runs
     out = tmp_path_factory.mktemp("fsdp") / "sharded"
-    proc = subprocess.run(_torchrun(2, *_erase_args(model, forget, out), "--fsdp"), env=_env(), capture_output=True,
-                          timeout=300)
+    probe = str(pathlib.Path(__file__).with_name("fsdp_probe.py"))  # diffscrub, counting the whole parameters
+    args = _erase_args(model, forget, out)[2:]  # without "-m diffscrub"
+    proc = subprocess.run(_torchrun(2, probe, *args, "--fsdp"), env=_env(), capture_output=True, timeout=300)
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
-    return out
+    return out, proc.stderr.decode()
 
 
 def test_sharded_student_matches_one_process(runs, fsdp_run):
@@ -153,6 +155,11 @@ def test_sharded_student_matches_one_process(runs, fsdp_run):
     from diffusers import UNet2DConditionModel
 
     model, _, single, _, _ = runs
+    fsdp_run, err = fsdp_run
+    # At every checkpoint (each step but the last here), on both ranks, the whole pre-shard parameters are gone: only the
+    # shards hold the model (something keeping them alive would cancel what sharding saves).
+    counts = [line for line in err.splitlines() if line.startswith("whole parameters alive:")]
+    assert len(counts) == 2 * (STEPS - 1) and all(line.startswith("whole parameters alive: 0 of ") for line in counts), err
     expected, got, original = _unet(single), _unet(fsdp_run), _unet(model)
     assert expected.keys() == got.keys()
     for key in expected:  # the same tolerance as DDP: float-level differences of a split batch
@@ -178,6 +185,7 @@ def test_sharded_run_resumes_after_sigterm(runs, fsdp_run, tmp_path):
     from diffscrub.core.checkpoint import checkpoint_root, complete_checkpoints
 
     model, forget, _, _, _ = runs
+    fsdp_run = fsdp_run[0]
     out = tmp_path / "out"
     args = [*_erase_args(model, forget, out), "--fsdp"]
     proc = subprocess.Popen(_torchrun(2, *args), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -533,7 +533,9 @@ def erase(
         ctx.shard(dist.rank, dist.world)
         ctx.student_forward = dist.wrap(student)
         if dist.fsdp:  # the student's parameters are now shards: a fresh optimizer over them
-            params = [p for p in student.parameters() if p.requires_grad]
+            # Nothing may keep the whole tensors alive (the old optimizer, run.params), or each rank would
+            # still hold the full model beside its shard.
+            params = run.params = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             if resume_from is not None:
                 dist.load_optimizer_state(student, optimizer, load_optimizer_state(resume_from))
