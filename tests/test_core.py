@@ -912,6 +912,8 @@ def test_boolean_defaults_can_be_turned_off(tmp_path):
     ({"names": ["7"], "conditioning": "null"}, "drop --names or use --conditioning auto"),
     ({"names": ["7 {}"]}, "without braces"),
     ({"names": [" "]}, "non-empty"),
+    ({"fsdp": True, "lora_rank": 4}, "LoRA the frozen base is also the teacher"),
+    ({"fsdp": True, "compile": True}, "--fsdp with --compile"),
 ])
 def test_config_rejects(values, match):
     with pytest.raises(ConfigError, match=match):

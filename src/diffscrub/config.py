@@ -161,18 +161,6 @@ PRECISIONS = ("no", "fp16", "bf16")
 CONDITIONING = ("auto", "null", "inversion", "prompts")
 
 
-def check_fsdp(config) -> None:
-    """--fsdp shards the student, so it cannot share weights with the teacher (LoRA: the frozen base is the
-    teacher) nor go through the compiled-callable path; called again once a method has chosen ``trainable``."""
-    if not config.fsdp:
-        return
-    if config.trainable == "lora":
-        raise ConfigError("--fsdp shards the student, but with LoRA the frozen base is also the teacher and every "
-                          "process needs it whole: drop --fsdp (LoRA's trainable state is small; plain DDP fits)")
-    if config.compile:
-        raise ConfigError("--fsdp with --compile is not supported yet: drop one of them")
-
-
 @dataclass
 class EraseConfig:
     """Everything about an erase run except the method's own options.
@@ -266,7 +254,13 @@ class EraseConfig:
         check_range("lora_rank", self.lora_rank, 0)
         if self.trainable == "lora" and self.lora_rank < 1:
             raise ConfigError("trainable='lora' needs a rank: pass --lora-rank N (for example 4)")
-        check_fsdp(self)
+        # --fsdp shards the student: not with LoRA, whose frozen base is also the teacher (no method defaults
+        # to LoRA; --lora-rank selects it), nor through the compiled-callable path.
+        if self.fsdp and self.trainable == "lora":
+            raise ConfigError("--fsdp shards the student, but with LoRA the frozen base is also the teacher and every "
+                              "process needs it whole: drop --fsdp (LoRA's trainable state is small; plain DDP fits)")
+        if self.fsdp and self.compile:
+            raise ConfigError("--fsdp with --compile is not supported yet: drop one of them")
         if self.lora_alpha is not None:
             check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
         if self.resolution is not None:

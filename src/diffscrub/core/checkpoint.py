@@ -191,7 +191,7 @@ def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, id
     """Restore everything :func:`save_checkpoint` wrote; returns the meta dict (step, history, extra).
 
     ``student`` must still be whole (not yet sharded). ``optimizer=None`` leaves the optimizer state for the
-    caller (:func:`load_optimizer_state`): a sharded student's optimizer only exists after sharding.
+    caller (:func:`read_optimizer_state`): a sharded student's optimizer only exists after sharding.
     """
     from safetensors.torch import load_file
 
@@ -213,7 +213,7 @@ def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, id
     ctx.cond = Conditioning(meta["prompts"], _restore_cond(ctx.cond.kwargs, tensors), meta.get("neutral"),
                             meta.get("pool_size"))
     if optimizer is not None:
-        optimizer.load_state_dict(load_optimizer_state(folder))
+        optimizer.load_state_dict(read_optimizer_state(folder))
     ctx.generator.set_state(torch.tensor(meta["generator"], dtype=torch.uint8))
     torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
     ctx.forget_sampler.load_state_dict(meta["forget_sampler"])
@@ -222,7 +222,7 @@ def load_checkpoint(folder: pathlib.Path, *, student, optimizer, ctx, method, id
     return meta
 
 
-def load_optimizer_state(folder: pathlib.Path) -> dict:
+def read_optimizer_state(folder: pathlib.Path) -> dict:
     return torch.load(folder / "optimizer.pt", weights_only=True)
 
 

@@ -24,13 +24,13 @@ import torch
 
 from ..adapters import adapter_for
 from ..adapters.base import Conditioning
-from ..config import EraseConfig, build, check_fsdp, to_dict
+from ..config import EraseConfig, build, to_dict
 from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
 from . import distributed
 from .context import ErasureContext, LatentCache
 from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
-                         load_optimizer_state, restore_forget_extra, run_identity, save_checkpoint, unshared)
+                         read_optimizer_state, restore_forget_extra, run_identity, save_checkpoint, unshared)
 from .output import atomic_dir, check_output_dir, write_json
 from .params import lora_state_dict, merge_lora, select_trainable
 
@@ -218,7 +218,6 @@ def setup_run(
     auto_trainable = config.trainable is None
     if auto_trainable:
         config.trainable = method_cls.default_trainable
-        check_fsdp(config)
     if pipe is None:
         preflight(config, method_cls, method_config)
     else:
@@ -538,7 +537,7 @@ def erase(
             params = run.params = [p for p in student.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
             if resume_from is not None:
-                dist.load_optimizer_state(student, optimizer, load_optimizer_state(resume_from))
+                dist.load_optimizer_state(student, optimizer, read_optimizer_state(resume_from))
         if config.compile:  # the DDP module compiled, behind the same proxy (adapters read model.config)
             ctx.student_forward = distributed.DDPStudent(torch.compile(ctx.student_forward._wrapped), student)
 
