@@ -267,6 +267,61 @@ def test_tss_knn_fingerprint_masks(tmp_path):
     assert run.method.prototypes is not None and "forget_masks" in run.method.artifacts()
 
 
+def test_tss_knn_z_keeps_a_concept_that_fills_its_images(tmp_path, monkeypatch):
+    """A concept that fills every other forget image (a background): with knn_z the mask is all of those
+    images and none of the others or of a forget image's non-concept part, where a fixed area cuts it.
+    The reference is the contrast images scored as forget locations would be (their own image left out)."""
+    from diffscrub.adapters.base import Features
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f", 6), _images(tmp_path / "r", 6)
+    cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", conditioning="null")
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 2,
+                          "fingerprint": "knn", "knn_z": 4.0, "knn_k": 3}, pipe=build_tiny_pipeline("sd"),
+                    log=lambda m: None)
+    ctx, method = run.ctx, run.method
+    # Latents that say what each location is (channel 0 > 0: the concept): forget images 0, 2, 4 are all
+    # concept; 1, 3, 5 and every retain image hold a background in their left half and an object in their
+    # right half, both shared between forget and retain images.
+    ctx.forget.mean[:, 0] = -1.0
+    ctx.forget.mean[0::2, 0] = 1.0
+    ctx.retain.mean[:, 0] = -1.0
+    for cache in (ctx.forget, ctx.retain):
+        cache.mean[:, 1] = 0.0
+        cache.mean[:, 1, :, cache.mean.shape[-1] // 2:] = 2.0
+    ctx.retain.mean[0, 0, 0, -1] = 1.0  # one location of one retain image shows the concept
+    monkeypatch.setattr(ctx.schedule, "add_noise", lambda z0, noise, t: z0.clone())  # the teacher sees z0
+    g = torch.Generator().manual_seed(0)
+
+    def teacher_predict(z_t, t, cond, features=False):
+        b, _, h, w = z_t.shape
+        concept = z_t[:, 0] > 0  # [B, h, w]
+        which = z_t[:, 1].round().long().clamp(0, 15)  # 0: background, 2: the object
+        vec = torch.eye(16)[which] * ~concept[..., None] + torch.eye(16)[1] * concept[..., None]
+        vec = vec + 0.05 * torch.randn(vec.shape, generator=g)
+        return torch.zeros_like(z_t), Features(vec.reshape(b, h * w, 16), (h, w))
+
+    monkeypatch.setattr(ctx, "teacher_predict", teacher_predict)
+    figures = method.prepare(batch_size=2)
+    masks = method.masks[:, 0]
+    assert masks[0::2].min() > 0.99, masks[0::2].min()
+    assert masks[1::2].max() < 0.5 and masks[1::2].mean() < 0.01, masks[1::2].max()
+    assert abs(figures["mask_mean_area"] - 0.5) < 0.01
+    # the reference: the retain location with the concept scores like a forget image's concept (its own
+    # image is no neighbour of it), every other retain location like the forget images' background and object
+    reference, _ = method._knn_field(ctx.retain, reference=True)
+    reference = reference.reshape(ctx.retain.mean[:, 0].shape)  # [N, h, w]
+    assert reference[0, 0, -1] > 0.5
+    reference[0, 0, -1] = 0.0
+    assert reference.abs().max() < 0.2
+    # a fixed area of 0.25 puts its threshold inside the concept's half of the scores: a share of it is cut
+    method.config.knn_z, method.config.knn_area = 0.0, 0.25
+    fixed = method.cache_masks(batch_size=2)[:, 0]
+    assert float((fixed[0::2] < 0.5).float().mean()) > 0.25 and fixed[1::2].max() < 0.01
+
+
 def test_names_smoothing_keeps_a_level_field_and_spreads_a_spike():
     from diffscrub.concept.naming import box_kernel, smooth
 
@@ -932,6 +987,8 @@ def test_config_rejects(values, match):
     ({"fingerprint": "names", "mask_mode": "online"}, "mask_mode 'cached'"),
     ({"names_smooth": 1.5}, "tss.names_smooth=1.5"),
     ({"names_z": 3.0}, "add --fingerprint names"),
+    ({"knn_z": 2.0}, "add --fingerprint knn"),
+    ({"knn_z": -1.0, "fingerprint": "knn"}, "tss.knn_z=-1.0"),
     ({"names_z": -1.0, "fingerprint": "names"}, "tss.names_z=-1.0"),
     ({"knn_area": 1.0}, "tss.knn_area=1.0"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),

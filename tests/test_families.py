@@ -131,6 +131,24 @@ def test_full_finetune_keeps_teacher(name, forget_dir, tmp_path, monkeypatch):
     assert any(not torch.equal(before[k], student[k]) for k in before)
 
 
+@pytest.mark.parametrize("name,expected", [("sd", ("attn2.to_k.", "attn2.to_v.")),
+                                           ("sd3", ("attn.add_k_proj.", "attn.add_v_proj.")),
+                                           ("flux", ("attn.add_k_proj.", "attn.add_v_proj."))])
+def test_text_kv_trains_only_the_text_keys_and_values(name, expected, forget_dir, tmp_path):
+    """--trainable text-kv: what moved is a subset of the text's key/value projections, and each of
+    those projection kinds moved somewhere (so the set is neither empty nor the image side)."""
+    pipe, before, result = run_erase(name, forget_dir, tmp_path / "out", trainable="text-kv")
+    assert result.record["trainable"] == "text-kv"
+    adapter = adapter_for(pipe)
+    kv = set(adapter.attention_parameters(adapter.denoiser, text_kv_only=True))
+    assert kv and all(any(e in k for e in expected) for k in kv), sorted(kv)[:3]
+    assert kv < set(adapter.attention_parameters(adapter.denoiser, cross_only=True))
+    after = adapter.denoiser.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= kv, f"parameters outside the text keys/values moved: {sorted(changed - kv)[:3]}"
+    assert all(any(e in k for k in changed) for e in expected), sorted(changed)[:4]
+
+
 @pytest.mark.parametrize("name", ["sd", "flux"])
 def test_lora_teacher_is_base_and_weights_load(name, forget_dir, tmp_path):
     """With LoRA there is no teacher copy; the saved LoRA reproduces the merged output."""

@@ -165,6 +165,10 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
     assert "median by 2.5 robust standard deviations" in concept
+    record["tss"].update(fingerprint="knn", knn_z=3.0)  # names_z does not speak for the knn fingerprint
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
+    assert "--fingerprint knn" in concept and "median by 3.0 robust standard deviations" in concept
 
     record["conditioning"] = {"mode": "auto", "given_names": ["7", "seven"], "pool": [""]}
     del record["prepare"]

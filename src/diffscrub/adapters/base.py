@@ -293,20 +293,28 @@ class DenoiserAdapter:
     # ----------------------------------------------------------------- training parts
     #: in joint-attention blocks, the projections through which text reaches image tokens.
     JOINT_TEXT_PROJECTIONS: ClassVar[tuple[str, ...]] = ("add_k_proj", "add_v_proj")
+    #: in cross-attention modules, the projections of the text (keys and values).
+    CROSS_TEXT_PROJECTIONS: ClassVar[tuple[str, ...]] = ("to_k", "to_v")
 
-    def attention_parameters(self, model: nn.Module, cross_only: bool = False) -> list[str]:
+    def attention_parameters(self, model: nn.Module, cross_only: bool = False, text_kv_only: bool = False) -> list[str]:
         """Names of parameters inside attention modules (the ``attention`` trainable set).
 
         With ``cross_only``: only text-to-image attention. That is every parameter of a cross-attention
         module (UNet ``attn2``, PixArt's second attention), and in joint-attention blocks (SD3, Flux) the
         image queries plus the text keys/values (``to_q``, ``add_k_proj``, ``add_v_proj``), which carry
         the text-to-image part of the joint attention map.
+
+        With ``text_kv_only`` (implies ``cross_only``): only the projections that read the text, the
+        keys and values of cross-attention (``to_k``, ``to_v``) and of joint attention's text stream
+        (``add_k_proj``, ``add_v_proj``). A change there reaches an image only through the words of
+        its prompt; the image-side projections, which every prompt's features pass through, stay.
         """
         from diffusers.models.attention import AttentionModuleMixin
         from diffusers.models.attention_processor import Attention
 
         # Newer families (Flux) define their own attention classes on AttentionModuleMixin.
         kinds = (Attention, AttentionModuleMixin)
+        cross_only = cross_only or text_kv_only
         names = []
         for mod_name, module in model.named_modules():
             if not isinstance(module, kinds):
@@ -315,8 +323,14 @@ class DenoiserAdapter:
             joint = getattr(module, "add_k_proj", None) is not None
             if cross_only and not joint and not getattr(module, "is_cross_attention", False):
                 continue
+            if text_kv_only:
+                keep = self.JOINT_TEXT_PROJECTIONS if joint else self.CROSS_TEXT_PROJECTIONS
+            elif cross_only and joint:
+                keep = ("to_q",) + self.JOINT_TEXT_PROJECTIONS
+            else:
+                keep = None
             for p, _ in module.named_parameters():
-                if cross_only and joint and not p.startswith(("to_q.",) + tuple(f"{j}." for j in self.JOINT_TEXT_PROJECTIONS)):
+                if keep is not None and not p.startswith(tuple(f"{k}." for k in keep)):
                     continue
                 names.append(prefix + p)
         return sorted(set(names))

@@ -17,13 +17,15 @@ def select_trainable(adapter: DenoiserAdapter, model: nn.Module, mode: str, *, r
 
     Args:
         mode: ``full`` (every parameter), ``attention`` (parameters of attention modules), or
-            ``lora`` (rank-``rank`` LoRA on the adapter's target modules; base weights frozen).
+            ``cross-attention`` (text-to-image attention), ``text-kv`` (only its projections of the
+            text: keys and values), or ``lora`` (rank-``rank`` LoRA on the adapter's target modules; base weights frozen).
     """
     model.requires_grad_(False)
     if mode == "full":
         model.requires_grad_(True)
-    elif mode in ("attention", "cross-attention"):
-        names = set(adapter.attention_parameters(model, cross_only=mode == "cross-attention"))
+    elif mode in ("attention", "cross-attention", "text-kv"):
+        names = set(adapter.attention_parameters(model, cross_only=mode == "cross-attention",
+                                                 text_kv_only=mode == "text-kv"))
         if not names:
             raise ConfigError(f"trainable={mode!r}: the {adapter.family} denoiser has no such attention parameters")
         for name, p in model.named_parameters():
@@ -43,7 +45,7 @@ def select_trainable(adapter: DenoiserAdapter, model: nn.Module, mode: str, *, r
         config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets)
         model.add_adapter(config, adapter_name=ADAPTER_NAME)
     else:
-        raise ConfigError(f"trainable={mode!r} is not valid: choose full, attention or lora")
+        raise ConfigError(f"trainable={mode!r} is not valid: choose full, attention, cross-attention, text-kv or lora")
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 

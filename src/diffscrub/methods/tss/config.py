@@ -102,6 +102,10 @@ class TSSConfig:
                             "those scoring above the median of the same scores on the contrast images (retain "
                             "folder, else null-prompt samples) by z robust standard deviations, so the area follows "
                             "the concept (all of an image it fills)")
+    knn_z: float = option(0.0, "knn fingerprint: 0 keeps the top knn_area share of forget locations; z > 0 keeps those "
+                          "scoring above the contrast images' locations (retain folder, else null-prompt samples; "
+                          "each scored as a forget location would be) by z robust standard deviations, so the area "
+                          "follows the concept: nearly all of an image whose background it is")
     names_smooth: float = option(0.3125, "names fingerprint: width of the box filter over the error differences, as a "
                                  "share of the latent's side (5 of 16 latent pixels; 0: no filter)")
 
@@ -139,6 +143,10 @@ class TSSConfig:
         if self.names_z > 0 and self.fingerprint != "names":
             raise ConfigError(f"tss.names_z={self.names_z} sets the names fingerprint's threshold and this run uses "
                               f"fingerprint {self.fingerprint!r}: add --fingerprint names, or drop --names-z")
+        check_range("tss.knn_z", self.knn_z, 0)
+        if self.knn_z > 0 and self.fingerprint != "knn":
+            raise ConfigError(f"tss.knn_z={self.knn_z} sets the knn fingerprint's threshold and this run uses "
+                              f"fingerprint {self.fingerprint!r}: add --fingerprint knn, or drop --knn-z")
         if self.fingerprint in ("knn", "names") and self.mask_mode != "cached":
             raise ConfigError(f"tss.fingerprint={self.fingerprint!r} scores each forget image once: use mask_mode "
                               "'cached'")

@@ -89,7 +89,8 @@ class TeacherStudentScrubber(Method):
         self.all_prototypes: torch.Tensor | None = None  # [K, D] every k-means centre
         self.selection = None  # PrototypeSelection when contrastive
         self.masks: torch.Tensor | None = None  # [N, 1, H, W] cached masks of the forget images
-        self._knn_banks = None  # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D])
+        # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D], their images [R])
+        self._knn_banks = None
         self._contrast = None  # latents of null-prompt samples, when there is no retain folder
 
     # ------------------------------------------------------------------ phase 1
@@ -134,15 +135,16 @@ class TeacherStudentScrubber(Method):
         self.all_prototypes = fit_prototypes(forget_vectors.to(ctx.device), cfg.num_prototypes, seed=seed,
                                              backend=cfg.kmeans_backend)
         self.prototypes = self.all_prototypes
-        retain_vectors = None
+        retain_vectors = retain_images = None
         if cfg.contrastive or cfg.fingerprint == "knn":
-            retain_vectors, _ = self._band_vectors(self._contrast_cache())
+            retain_vectors, retain_images = self._band_vectors(self._contrast_cache())
         if cfg.contrastive:
             self.selection = select_prototypes(self.all_prototypes, forget_vectors, retain_vectors, cfg.tau,
                                                cfg.contrast_ratio)
             self.prototypes = self.all_prototypes[self.selection.keep]
         if cfg.fingerprint == "knn":  # the banks the masks are scored against (prototypes stay for the report)
-            self._knn_banks = (forget_vectors.to(ctx.device), forget_images, retain_vectors.to(ctx.device))
+            self._knn_banks = (forget_vectors.to(ctx.device), forget_images, retain_vectors.to(ctx.device),
+                               retain_images)
         return self.prototypes
 
     @torch.no_grad()
@@ -215,6 +217,36 @@ class TeacherStudentScrubber(Method):
         return ctx.schedule.add_noise(z0, ctx.randn_like(z0), t), t, ctx.cond.take(ctx.null_index(z0.shape[0]))
 
     @torch.no_grad()
+    def _knn_field(self, cache, reference: bool = False, progress=None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Mean knn score over ``mask_draws`` semantic-band draws of every image of ``cache``: ``[N, L]`` on the
+        feature grid, and the grid.
+
+        ``reference``: ``cache`` holds the contrast images, and each location is scored as a forget location
+        would be if it were one: its forget neighbours minus its contrast neighbours, its own image left out
+        of the latter, as a forget location's own image is left out of its forget neighbours.
+        """
+        ctx, cfg = self.ctx, self.config
+        forget_bank, forget_images, retain_bank, retain_images = self._knn_banks
+        n, scores, grid = len(cache), None, None
+        for _ in range(cfg.mask_draws):
+            for start in range(0, n, self._batch):
+                index = torch.arange(start, min(n, start + self._batch))
+                z_t, t, cond = self._null_draw(cache.mean[index].to(ctx.device))
+                _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
+                b, locations, dim = feats.vectors.shape
+                queries, own = feats.vectors.reshape(-1, dim), index.repeat_interleave(locations)
+                if reference:  # knn_scores(own side, other side) = own - other: swap the banks and the sign
+                    s = -knn_scores(queries, own, retain_bank, retain_images, forget_bank, cfg.knn_k)
+                else:
+                    s = knn_scores(queries, own, forget_bank, forget_images, retain_bank, cfg.knn_k)
+                scores = torch.zeros(n, locations) if scores is None else scores
+                scores[index] += s.reshape(b, locations)
+                grid = feats.grid
+                if progress:
+                    progress(len(index))
+        return scores / cfg.mask_draws, grid
+
+    @torch.no_grad()
     def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
         """One mask per forget image: the mean over ``mask_draws`` semantic-band detections."""
         ctx, cfg = self.ctx, self.config
@@ -222,33 +254,25 @@ class TeacherStudentScrubber(Method):
         if cfg.fingerprint == "names":
             self.masks = self._names_masks(progress)
             return self.masks
+        if cfg.fingerprint == "knn":
+            scores, grid = self._knn_field(ctx.forget, progress=progress)
+            if cfg.knn_z > 0:
+                reference, _ = self._knn_field(self._contrast_cache(), reference=True)
+                mask = reference_mask(scores, reference, cfg.knn_z)
+            else:  # one threshold over all forget locations: images without the concept may keep little
+                mask = scores_to_mask(scores, cfg.knn_area)
+            self.masks = to_latent(mask, grid, ctx.latent_hw)
+            return self.masks
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
-        scores, grid = None, None  # knn: [N, L] summed scores on the feature grid
-        for draw in range(cfg.mask_draws):
+        for _ in range(cfg.mask_draws):
             for start in range(0, n, batch_size):
                 index = torch.arange(start, min(n, start + batch_size))
-                z0 = ctx.forget.mean[index].to(ctx.device)
-                if cfg.fingerprint == "knn":
-                    z_t, t, cond = self._null_draw(z0)
-                    _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
-                    b, locations, dim = feats.vectors.shape
-                    forget_bank, bank_images, retain_bank = self._knn_banks
-                    s = knn_scores(feats.vectors.reshape(-1, dim), index.repeat_interleave(locations),
-                                   forget_bank, bank_images, retain_bank, cfg.knn_k)
-                    scores = torch.zeros(n, locations) if scores is None else scores
-                    scores[index] += s.reshape(b, locations)
-                    grid = feats.grid
-                else:
-                    _, m = self.detect(*self._null_draw(z0))
-                    total[index] += m.float().cpu()
+                _, m = self.detect(*self._null_draw(ctx.forget.mean[index].to(ctx.device)))
+                total[index] += m.float().cpu()
                 if progress:
                     progress(len(index))
-        if scores is not None:
-            # one threshold over all forget locations: images without the concept may keep little
-            self.masks = to_latent(scores_to_mask(scores / cfg.mask_draws, cfg.knn_area), grid, ctx.latent_hw)
-        else:
-            self.masks = total / cfg.mask_draws
+        self.masks = total / cfg.mask_draws
         return self.masks
 
     def prepare(self, progress=None, batch_size: int = 8):
