@@ -185,7 +185,7 @@ class EraseConfig:
                                  "under autocast, trainable weights in fp32; the output is saved in that precision "
                                  "(fp16: GPU only, VAE kept in fp32)")
     trainable: str | None = option(None, "which denoiser parameters train: full, attention, cross-attention (text-to-image "
-                            "attention only), text-kv (only its keys and values of the text) or lora (default: the method's own choice, full for tss)")
+                            "attention only), text-kv (only the keys and values it computes from the text) or lora (default: the method's own choice, full for tss)")
     lora_rank: int = option(0, "LoRA rank; > 0 selects --trainable lora")
     lora_alpha: float | None = option(None, "LoRA alpha (default: equal to the rank)")
     resolution: int | None = option(None, "resize and center-crop images to this size (needed when sizes differ)")

@@ -292,8 +292,8 @@ def concept_section(record: dict) -> str:
         other = {"knn": "the neighbour fingerprint (--fingerprint knn)",
                  "names": "where naming the concept lowers the teacher's denoising error (--fingerprint names)"}
         other = other.get(method_cfg.get("fingerprint"))
-        z = float(method_cfg.get({"names": "names_z", "knn": "knn_z"}.get(method_cfg.get("fingerprint"), "")) or 0)
-        if other and z > 0:
+        z = method_cfg.get({"names": "names_z", "knn": "knn_z"}.get(method_cfg.get("fingerprint"), ""))
+        if other and float(z or 0) > 0:
             other += f", kept where it exceeds the contrast images' median by {_e(z)} robust standard deviations"
         parts.append(f"<p>Prototypes kept: {prepare.get('prototypes_kept', sum(selection.get('kept', [])))} of "
                      f"{len(selection.get('kept', []))}. A prototype is kept when it fires on forget locations "

@@ -139,14 +139,13 @@ class TSSConfig:
         check_choice("tss.blind_prompt", self.blind_prompt, BLIND_PROMPTS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         check_range("tss.names_smooth", self.names_smooth, 0, 1)
-        check_range("tss.names_z", self.names_z, 0)
-        if self.names_z > 0 and self.fingerprint != "names":
-            raise ConfigError(f"tss.names_z={self.names_z} sets the names fingerprint's threshold and this run uses "
-                              f"fingerprint {self.fingerprint!r}: add --fingerprint names, or drop --names-z")
-        check_range("tss.knn_z", self.knn_z, 0)
-        if self.knn_z > 0 and self.fingerprint != "knn":
-            raise ConfigError(f"tss.knn_z={self.knn_z} sets the knn fingerprint's threshold and this run uses "
-                              f"fingerprint {self.fingerprint!r}: add --fingerprint knn, or drop --knn-z")
+        for fingerprint in ("names", "knn"):  # each fingerprint's own threshold
+            z = getattr(self, f"{fingerprint}_z")
+            check_range(f"tss.{fingerprint}_z", z, 0)
+            if z > 0 and self.fingerprint != fingerprint:
+                raise ConfigError(f"tss.{fingerprint}_z={z} sets the {fingerprint} fingerprint's threshold and this run "
+                                  f"uses fingerprint {self.fingerprint!r}: add --fingerprint {fingerprint}, or drop "
+                                  f"--{fingerprint}-z")
         if self.fingerprint in ("knn", "names") and self.mask_mode != "cached":
             raise ConfigError(f"tss.fingerprint={self.fingerprint!r} scores each forget image once: use mask_mode "
                               "'cached'")

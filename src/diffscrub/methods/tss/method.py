@@ -187,18 +187,25 @@ class TeacherStudentScrubber(Method):
         err = location_error(mean_part(ctx, pred), ctx.schedule.target(z0, eps, t).repeat(2, 1, 1, 1))
         return (err[:b] - err[b:]).cpu()  # [B, H, W]: positive where the name explains the latent
 
-    def _names_field(self, cache, named: torch.Tensor, progress=None) -> torch.Tensor:
-        """Names scores of every image of ``cache``, averaged over ``mask_draws`` and box-filtered: ``[N, H, W]``."""
-        cfg, n, total = self.config, len(cache), None
+    def _mean_over_draws(self, n: int, score, progress=None) -> torch.Tensor:
+        """``score(index [B], draw) -> [B, ...]`` for every one of ``n`` images, averaged over ``mask_draws``:
+        ``[N, ...]``. Batches and draws go in the same order for every fingerprint, so the random draws do too."""
+        cfg, total = self.config, None
         for draw in range(cfg.mask_draws):
             for start in range(0, n, self._batch):
                 index = torch.arange(start, min(n, start + self._batch))
-                s = self._names_scores(cache, index, draw, named)
+                s = score(index, draw)
                 total = torch.zeros(n, *s.shape[1:]) if total is None else total
                 total[index] += s
                 if progress:
                     progress(len(index))
-        return smooth(total / cfg.mask_draws, cfg.names_smooth)
+        return total / cfg.mask_draws
+
+    def _names_field(self, cache, named: torch.Tensor, progress=None) -> torch.Tensor:
+        """Names scores of every image of ``cache``, averaged over ``mask_draws`` and box-filtered: ``[N, H, W]``."""
+        field = self._mean_over_draws(len(cache), lambda index, draw: self._names_scores(cache, index, draw, named),
+                                      progress)
+        return smooth(field, self.config.names_smooth)
 
     def _names_masks(self, progress=None) -> torch.Tensor:
         """``[N, 1, H, W]`` masks of the names fingerprint: the top ``knn_area`` share of the forget images'
@@ -217,9 +224,9 @@ class TeacherStudentScrubber(Method):
         return ctx.schedule.add_noise(z0, ctx.randn_like(z0), t), t, ctx.cond.take(ctx.null_index(z0.shape[0]))
 
     @torch.no_grad()
-    def _knn_field(self, cache, reference: bool = False, progress=None) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Mean knn score over ``mask_draws`` semantic-band draws of every image of ``cache``: ``[N, L]`` on the
-        feature grid, and the grid.
+    def _knn_field(self, cache, reference: bool = False, progress=None) -> torch.Tensor:
+        """Mean knn score over ``mask_draws`` semantic-band draws of every image of ``cache``: ``[N, Hf, Wf]`` on
+        the feature grid.
 
         ``reference``: ``cache`` holds the contrast images, and each location is scored as a forget location
         would be if it were one: its forget neighbours minus its contrast neighbours, its own image left out
@@ -227,24 +234,19 @@ class TeacherStudentScrubber(Method):
         """
         ctx, cfg = self.ctx, self.config
         forget_bank, forget_images, retain_bank, retain_images = self._knn_banks
-        n, scores, grid = len(cache), None, None
-        for _ in range(cfg.mask_draws):
-            for start in range(0, n, self._batch):
-                index = torch.arange(start, min(n, start + self._batch))
-                z_t, t, cond = self._null_draw(cache.mean[index].to(ctx.device))
-                _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
-                b, locations, dim = feats.vectors.shape
-                queries, own = feats.vectors.reshape(-1, dim), index.repeat_interleave(locations)
-                if reference:  # knn_scores(own side, other side) = own - other: swap the banks and the sign
-                    s = -knn_scores(queries, own, retain_bank, retain_images, forget_bank, cfg.knn_k)
-                else:
-                    s = knn_scores(queries, own, forget_bank, forget_images, retain_bank, cfg.knn_k)
-                scores = torch.zeros(n, locations) if scores is None else scores
-                scores[index] += s.reshape(b, locations)
-                grid = feats.grid
-                if progress:
-                    progress(len(index))
-        return scores / cfg.mask_draws, grid
+
+        def score(index: torch.Tensor, _draw: int) -> torch.Tensor:
+            z_t, t, cond = self._null_draw(cache.mean[index].to(ctx.device))
+            _, feats = ctx.teacher_predict(z_t, t, cond, features=True)
+            b, locations, dim = feats.vectors.shape
+            queries, own = feats.vectors.reshape(-1, dim), index.repeat_interleave(locations)
+            if reference:  # knn_scores(own side, other side) = own - other: swap the banks and the sign
+                s = -knn_scores(queries, own, retain_bank, retain_images, forget_bank, cfg.knn_k)
+            else:
+                s = knn_scores(queries, own, forget_bank, forget_images, retain_bank, cfg.knn_k)
+            return s.reshape(b, *feats.grid)
+
+        return self._mean_over_draws(len(cache), score, progress)
 
     @torch.no_grad()
     def cache_masks(self, batch_size: int, progress=None) -> torch.Tensor:
@@ -255,13 +257,12 @@ class TeacherStudentScrubber(Method):
             self.masks = self._names_masks(progress)
             return self.masks
         if cfg.fingerprint == "knn":
-            scores, grid = self._knn_field(ctx.forget, progress=progress)
+            scores = self._knn_field(ctx.forget, progress=progress)  # [N, Hf, Wf]
             if cfg.knn_z > 0:
-                reference, _ = self._knn_field(self._contrast_cache(), reference=True)
-                mask = reference_mask(scores, reference, cfg.knn_z)
+                mask = reference_mask(scores, self._knn_field(self._contrast_cache(), reference=True), cfg.knn_z)
             else:  # one threshold over all forget locations: images without the concept may keep little
                 mask = scores_to_mask(scores, cfg.knn_area)
-            self.masks = to_latent(mask, grid, ctx.latent_hw)
+            self.masks = to_latent(mask.flatten(1), mask.shape[-2:], ctx.latent_hw)
             return self.masks
         n = len(ctx.forget)
         total = torch.zeros(n, 1, *ctx.latent_hw)
