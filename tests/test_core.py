@@ -122,6 +122,21 @@ def test_surround_fill_is_the_mean_outside_the_mask():
     assert torch.allclose(surround_fill(z0, full)[0], z0[0].mean(dim=(1, 2), keepdim=True).expand(3, 4, 4))
 
 
+def test_surround_fill_prior_takes_over_as_the_surround_shrinks():
+    z0 = torch.full((2, 3, 4, 4), 2.0)  # the concept's colour everywhere (a background concept)
+    prior = torch.tensor([-1.0, 0.0, 1.0])  # the contrast images' mean colour
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, :, :, 2:] = 1  # half the image masked: 8 pixels of surround
+    mask[1] = 1  # all of it
+    fill = surround_fill(z0, mask, prior, prior_weight=0.5)  # 8 pixels' worth of prior
+    assert torch.allclose(fill[0, :, 0, 0], (8 * 2.0 + 8 * prior) / 16)
+    assert torch.allclose(fill[1], prior.reshape(3, 1, 1).expand(3, 4, 4))  # no surround: the prior alone
+    assert torch.allclose(surround_fill(z0, mask, prior, prior_weight=0.0), surround_fill(z0, mask))
+    rows = torch.stack([prior, -prior])  # [B, C]: one colour per image
+    fill = surround_fill(z0, mask, rows, prior_weight=0.5)
+    assert torch.allclose(fill[0, :, 0, 0], (8 * 2.0 + 8 * prior) / 16) and torch.allclose(fill[1, :, 0, 0], -prior)
+
+
 def test_snr_decreases_with_t():
     for kind, make in SCHEDULES.items():
         snr = make().snr(torch.tensor([1, 100, 500, 999]))
@@ -319,6 +334,32 @@ def test_tss_knn_z_keeps_a_concept_that_fills_its_images(tmp_path, monkeypatch):
     method.config.knn_z, method.config.knn_area = 0.0, 0.25
     fixed = method.cache_masks(batch_size=2)[:, 0]
     assert float((fixed[0::2] < 0.5).float().mean()) > 0.25 and fixed[1::2].max() < 0.01
+
+    # The concept's images are all mask, so the surround fill has nothing around it but their own colour;
+    # --fill-prior fills each with the colour of a contrast image drawn for it, kept with the artifacts.
+    import diffscrub.methods.tss.method as tss_module
+
+    method.config.knn_z, method.config.fill_prior = 4.0, 0.5
+    method.prepare(batch_size=2)
+    assert torch.allclose(method.artifacts()["fill_prior"], ctx.retain.mean.float().mean(dim=(2, 3)))  # [N, C]
+    colours = torch.arange(6.0)[:, None].expand(6, ctx.retain.mean.shape[1]) * 10  # told apart by their values
+    method._fill_prior = colours.clone()
+    fills = []
+    monkeypatch.setattr(tss_module, "blind", lambda z0, mask, eta: fills.append((mask, eta)) or z0)
+    monkeypatch.setattr(ctx, "teacher_predict", lambda z_t, t, cond, features=False: (torch.zeros_like(z_t), None))
+    for step in range(6):  # every forget image twice
+        method.loss(step, 2)
+    full = [eta[i] for mask, eta in fills for i in range(len(mask)) if mask[i].min() > 0.99]
+    assert len(full) == 6
+    drawn = {round(float(e[0, 0, 0]) / 10) for e in full}
+    for e in full:  # flat, and one contrast image's colour
+        k = round(float(e[0, 0, 0]) / 10)
+        assert torch.allclose(e, colours[k].reshape(-1, 1, 1).expand_as(e), atol=1e-4)
+    assert len(drawn) > 1  # a colour per image, not one for all
+    state = method.artifacts()
+    method._fill_prior = None
+    method.load_state_dict(state)
+    assert torch.allclose(method._fill_prior, colours)
 
 
 def test_names_smoothing_keeps_a_level_field_and_spreads_a_spike():
@@ -749,6 +790,7 @@ def test_conditioning_anchors_are_never_pool_draws():
     with pytest.raises(ValueError, match="before adding vocabulary anchors"):
         grown.extend(pool)
     ctx = SimpleNamespace(cond=grown, generator=torch.Generator().manual_seed(0), rank=0, world=1)
+    ctx.randint = lambda low, high, batch: ErasureContext.randint(ctx, low, high, batch)
     draws = ErasureContext.prompt_index(ctx, 500)
     anchors = ErasureContext.anchor_index(ctx, 500)
     assert set(draws.tolist()) == {0, 1} and set(anchors.tolist()) == {2, 3}
@@ -990,6 +1032,8 @@ def test_config_rejects(values, match):
     ({"knn_z": -1.0, "fingerprint": "knn"}, "tss.knn_z=-1.0"),
     ({"names_z": -1.0, "fingerprint": "names"}, "tss.names_z=-1.0"),
     ({"knn_area": 1.0}, "tss.knn_area=1.0"),
+    ({"fill_prior": -0.5}, "tss.fill_prior=-0.5"),
+    ({"fill_prior": 0.5, "blind_fill": "noise"}, "needs --blind-fill surround"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),
     ({"name_target": "null"}, "tss.name_target"),
     ({"kk": 1}, "unknown key 'kk' in tss"),

@@ -128,7 +128,7 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
 
     record = json.loads((run_dir / "diffscrub.json").read_text())
     record["config"]["name_words"] = 1
-    record["tss"].update(fingerprint="knn", contrast_ratio=2.0)
+    record["tss"].update(fingerprint="knn", contrast_ratio=2.0, blind_fill="surround")
     record["conditioning"] = {"mode": "auto", "nearest_words": ["7", "and", "gra<vel"],
                               "pool": ["", "7", "<concept>", "7 on grass"],
                               "name_samples": {"count": 2, "prompts": ["7", "7 on grass"], "steps": 20},
@@ -156,6 +156,11 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     masks_part = page[page.index("<h2>Detector masks"):page.index("<h2>Loss curves")]
     assert "The last 2 masks belong to the images the model drew" in masks_part
     assert "folder changed" not in masks_part and len(_img_srcs(masks_part)) == 2 * 5
+    assert "mean colour around it." in masks_part  # the default fill, no prior
+    record["tss"].update(fill_prior=0.5)
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    masks_part = render_report(run_dir).split("<h2>Detector masks")[1].split("<h2>")[0]
+    assert "contrast images' mean colour as 0.5 image areas" in masks_part
     record["tss"]["fingerprint"] = "names"
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]

@@ -47,16 +47,30 @@ def blind(z0: torch.Tensor, mask: torch.Tensor, eta: torch.Tensor) -> torch.Tens
     return (1.0 - mask) * z0 + mask * eta
 
 
-def surround_fill(z0: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def surround_fill(z0: torch.Tensor, mask: torch.Tensor, prior: torch.Tensor | None = None,
+                  prior_weight: float = 0.0) -> torch.Tensor:
     """Per-image, per-channel mean of the latent outside the mask, broadcast to ``z0``'s shape.
 
     ``z0 [B, C, H, W]``, ``mask [B, 1, H, W]``. A flat patch of the surrounding colour is what a
     region looks like with its object taken out, before the teacher adds texture: the teacher
     inpaints from it at every noise level, where a noise fill reads as content at small t.
+
+    ``prior [C]`` or ``[B, C]`` (the mean colour of an image without the concept) enters as
+    ``prior_weight`` of an image's area worth of extra surround:
+    ``(sum(keep * z0) + w * H * W * prior) / (sum(keep) + w * H * W)``. Where the concept is the
+    background (brick, a style), the mask covers most of the image and its surround is the concept's
+    own colour, which the teacher refills with the concept; the prior pulls the fill toward an image
+    without it, and the less surround there is, the more.
     """
     keep = (1.0 - mask).clamp_min(0)
-    weight = keep.sum(dim=(2, 3), keepdim=True)
-    mean = (z0 * keep).sum(dim=(2, 3), keepdim=True) / weight.clamp_min(1e-6)
+    weight = keep.sum(dim=(2, 3), keepdim=True)  # [B, 1, 1, 1]
+    total = (z0 * keep).sum(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+    if prior is not None and prior_weight > 0:
+        pseudo = prior_weight * z0.shape[-2] * z0.shape[-1]
+        prior = prior.to(z0).reshape(-1, z0.shape[1], 1, 1)  # [1 or B, C, 1, 1]
+        mean = (total + pseudo * prior) / (weight + pseudo)
+        return mean.expand_as(z0)
+    mean = total / weight.clamp_min(1e-6)
     # an image the mask covers entirely has no surround: fall back to its own mean
     mean = torch.where(weight > 1e-3, mean, z0.mean(dim=(2, 3), keepdim=True))
     return mean.expand_as(z0)

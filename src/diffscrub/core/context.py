@@ -210,18 +210,19 @@ class ErasureContext:
                         self.rank, self.world)
         return t.to(self.device)
 
+    def randint(self, low: int, high: int, batch: int) -> torch.Tensor:
+        """Uniform integers in ``[low, high)``, ``[B]`` long: this rank's rows of the global batch's draw."""
+        return _draw_slice(lambda n: torch.randint(low, high, (n,), generator=self.generator), batch,
+                           self.rank, self.world)
+
     def prompt_index(self, batch: int) -> torch.Tensor:
         """Uniform draws from the conditioning pool, ``[B]`` long (never a vocabulary anchor)."""
-        return _draw_slice(lambda n: torch.randint(0, self.cond.pool_len, (n,), generator=self.generator), batch,
-                           self.rank, self.world)
+        return self.randint(0, self.cond.pool_len, batch)
 
     def anchor_index(self, batch: int) -> torch.Tensor | None:
         """Uniform draws from the vocabulary anchors, ``[B]`` long pool indices; ``None`` when there are none."""
         first, total = self.cond.pool_len, len(self.cond)
-        if first == total:
-            return None
-        return _draw_slice(lambda n: torch.randint(first, total, (n,), generator=self.generator), batch,
-                           self.rank, self.world)
+        return None if first == total else self.randint(first, total, batch)
 
     def null_index(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, dtype=torch.long)

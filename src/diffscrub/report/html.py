@@ -227,9 +227,23 @@ def mask_section(record: dict, run_dir: pathlib.Path) -> str:
                     f'<figcaption>{_e(name)}<br>mask area {area:.3f}</figcaption></figure>')
     parts.append(f'<p>{len(figs)} of {n} forget images (left), with the detector\'s mask as a red layer (right; '
                  f'opacity {MASK_OPACITY} at mask value 1). Mean mask area over all images: '
-                 f'{float(masks.mean()):.3f}.</p>')
+                 f'{float(masks.mean()):.3f}.</p>' + _fill_note(record.get(record.get("method", "")) or {}))
     parts.append(f'<div class="overlays">{"".join(figs)}</div>')
     return "".join(parts)
+
+
+def _fill_note(method_cfg: dict) -> str:
+    """What the blinded region held: the teacher's target inside the mask is drawn from it."""
+    fill = method_cfg.get("blind_fill")
+    if fill == "noise":
+        return '<p>Inside the mask the clean latent was replaced by noise (--blind-fill noise).</p>'
+    if fill != "surround":
+        return ""
+    prior = float(method_cfg.get("fill_prior") or 0)
+    return ("<p>Inside the mask the clean latent was replaced by the mean colour around it"
+            + (f", mixed with the contrast images' mean colour as {_e(prior)} image areas of extra surround "
+               "(--fill-prior), so an image the mask covers is filled with the colour of images without the concept"
+               if prior > 0 else "") + ".</p>")
 
 
 # ----------------------------------------------------------------------------- the concept

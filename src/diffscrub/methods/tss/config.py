@@ -35,6 +35,10 @@ class TSSConfig:
     )
     blind_fill: str = option("surround", "what replaces the concept in the clean latent: surround (the mean "
                              "latent outside the mask, per channel) or noise (the seed's)")
+    fill_prior: float = option(0.0, "surround fill: weight of the colour of a contrast image (retain folder, else "
+                               "null-prompt samples; one drawn per forget image and step), in image areas of extra "
+                               "surround; > 0 for a concept that is the background (a texture, a style), whose own "
+                               "surround is the concept")
     snr_gamma: float = option(5.0, "upper clip of the clean-target forget loss's weight clamp(SNR(t), snr_floor, gamma)")
     snr_floor: float = option(1.0, "lower clip of that weight: high t, where the content is decided, keeps at least "
                               "this weight (0: the prediction-space scale, which fades there)")
@@ -122,6 +126,10 @@ class TSSConfig:
         check_choice("tss.mask_mode", self.mask_mode, MASK_MODES)
         check_choice("tss.forget_target", self.forget_target, FORGET_TARGETS)
         check_choice("tss.blind_fill", self.blind_fill, BLIND_FILLS)
+        check_range("tss.fill_prior", self.fill_prior, 0)
+        if self.fill_prior > 0 and self.blind_fill != "surround":
+            raise ConfigError(f"tss.fill_prior={self.fill_prior} weights the surround fill's colour: it needs "
+                              f"--blind-fill surround (got {self.blind_fill!r}); drop --fill-prior or the other fill")
         check_range("tss.snr_gamma", self.snr_gamma, 0, low_open=True)
         check_range("tss.snr_floor", self.snr_floor, 0, self.snr_gamma)
         check_choice("tss.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))

@@ -92,6 +92,7 @@ class TeacherStudentScrubber(Method):
         # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D], their images [R])
         self._knn_banks = None
         self._contrast = None  # latents of null-prompt samples, when there is no retain folder
+        self._fill_prior = None  # [C]: the contrast images' mean latent, when fill_prior > 0
 
     # ------------------------------------------------------------------ phase 1
     def _band_vectors(self, cache, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +286,11 @@ class TeacherStudentScrubber(Method):
         if self.config.mask_mode == "cached":
             masks = self.cache_masks(batch_size, progress)
             figures["mask_mean_area"] = float(masks.mean())
+        if self.config.fill_prior > 0:
+            # [N, C, H, W] -> [N, C]: each contrast image's flat colour, like the surround it is mixed with.
+            # A step draws one per forget image: the mean over all of them is a colour no image has (on
+            # toy-mmdit it drew grass, and the null prompt lost its flat and gravel backgrounds).
+            self._fill_prior = self._contrast_cache().mean.float().mean(dim=(2, 3))
         return figures
 
     def prepare_work(self, n_forget: int) -> int:
@@ -343,7 +349,13 @@ class TeacherStudentScrubber(Method):
         else:
             t_orig, mask = self.detect(z_t, t, cond_keep)
             parts = []
-        fill = surround_fill(z0, mask) if cfg.blind_fill == "surround" else ctx.randn_like(z0)
+        if cfg.blind_fill == "surround":
+            prior = None
+            if self._fill_prior is not None:  # [b, C]: a contrast image's colour for each forget image
+                prior = self._fill_prior[ctx.randint(0, self._fill_prior.shape[0], b)]
+            fill = surround_fill(z0, mask, prior, cfg.fill_prior)
+        else:
+            fill = ctx.randn_like(z0)
         z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
         parts.append((z_t_blind, t, cond_null if cfg.blind_prompt == "null" else cond_keep))
         if use_retain:
@@ -396,6 +408,8 @@ class TeacherStudentScrubber(Method):
             out["prototype_retain_rate"] = self.selection.retain_rate.float()
         if self.masks is not None:
             out["forget_masks"] = self.masks.contiguous()
+        if self._fill_prior is not None:
+            out["fill_prior"] = self._fill_prior.contiguous()
         return out
 
     def state_dict(self):
@@ -405,3 +419,4 @@ class TeacherStudentScrubber(Method):
         self.prototypes = state.get("prototypes")
         self.all_prototypes = state.get("all_prototypes", self.prototypes)
         self.masks = state.get("forget_masks")
+        self._fill_prior = state.get("fill_prior")
