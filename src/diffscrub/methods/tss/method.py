@@ -92,7 +92,7 @@ class TeacherStudentScrubber(Method):
         # fingerprint "knn": (forget vectors [M, D], their images [M], retain vectors [R, D], their images [R])
         self._knn_banks = None
         self._contrast = None  # latents of null-prompt samples, when there is no retain folder
-        self._fill_prior = None  # [C]: the contrast images' mean latent, when fill_prior > 0
+        self._fill_prior = None  # [N, C]: each contrast image's mean latent, when fill_prior > 0
 
     # ------------------------------------------------------------------ phase 1
     def _band_vectors(self, cache, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,8 +288,8 @@ class TeacherStudentScrubber(Method):
             figures["mask_mean_area"] = float(masks.mean())
         if self.config.fill_prior > 0:
             # [N, C, H, W] -> [N, C]: each contrast image's flat colour, like the surround it is mixed with.
-            # A step draws one per forget image: the mean over all of them is a colour no image has (on
-            # toy-mmdit it drew grass, and the null prompt lost its flat and gravel backgrounds).
+            # A step draws one per forget image, a colour that some image without the concept has; their
+            # mean is a colour none has.
             self._fill_prior = self._contrast_cache().mean.float().mean(dim=(2, 3))
         return figures
 
