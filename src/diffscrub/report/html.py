@@ -241,8 +241,9 @@ def _fill_note(method_cfg: dict) -> str:
         return ""
     prior = float(method_cfg.get("fill_prior") or 0)
     return ("<p>Inside the mask the clean latent was replaced by the mean colour around it"
-            + (f", mixed with the contrast images' mean colour as {_e(prior)} image areas of extra surround "
-               "(--fill-prior), so an image the mask covers is filled with the colour of images without the concept"
+            + (f", mixed with the colour of a contrast image, drawn for each image and step, as {_e(prior)} image "
+               "areas of extra surround (--fill-prior), so an image the mask covers is filled with the colour of an "
+               "image without the concept"
                if prior > 0 else "") + ".</p>")
 
 
