@@ -361,6 +361,30 @@ def test_tss_knn_z_keeps_a_concept_that_fills_its_images(tmp_path, monkeypatch):
     method.load_state_dict(state)
     assert torch.allclose(method._fill_prior, colours)
 
+    # --blind-fill contrast: the masked places hold the same places of a contrast image drawn for each forget
+    # image (its posterior mean), not a flat colour.
+    from diffscrub.core.context import LatentCache
+
+    method.config.fill_prior, method.config.blind_fill, method._fill_prior = 0.0, "contrast", None
+    ctx.retain.mean[:] = torch.randn(ctx.retain.mean.shape, generator=g)  # textured: each image told apart
+    fills.clear()
+    for step in range(6):
+        method.loss(step, 2)
+    full = [eta[i] for mask, eta in fills for i in range(len(mask)) if mask[i].min() > 0.99]
+    picked = [int(((ctx.retain.mean - e).abs().amax(dim=(1, 2, 3)) < 1e-5).nonzero()[0]) for e in full]
+    assert len(full) == 6 and len(set(picked)) > 1
+    # Without a retain folder the contrast images are null-prompt samples drawn for the run: a resume (or
+    # another process) takes them from the state, rather than drawing others.
+    drawn = LatentCache(torch.randn(ctx.retain.mean.shape, generator=g), torch.zeros_like(ctx.retain.mean))
+    ctx.retain, method._contrast = None, drawn
+    state = method.state_dict()
+    method._contrast = None
+    method.load_state_dict(state)
+    assert torch.equal(method._contrast.mean, drawn.mean)
+    fills.clear()
+    method.loss(0, 2)
+    assert all(((drawn.mean - eta[i]).abs().amax(dim=(1, 2, 3)) < 1e-5).any() for _, eta in fills for i in range(2))
+
 
 def test_names_smoothing_keeps_a_level_field_and_spreads_a_spike():
     from diffscrub.concept.naming import box_kernel, smooth

@@ -161,6 +161,10 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     masks_part = render_report(run_dir).split("<h2>Detector masks")[1].split("<h2>")[0]
     assert "colour of a contrast image, drawn for each image and step, as 0.5 image areas" in masks_part
+    record["tss"].update(fill_prior=0.0, blind_fill="contrast")
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    masks_part = render_report(run_dir).split("<h2>Detector masks")[1].split("<h2>")[0]
+    assert "same places of a contrast image" in masks_part and "mean colour" not in masks_part
     record["tss"]["fingerprint"] = "names"
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]

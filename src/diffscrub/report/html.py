@@ -237,6 +237,9 @@ def _fill_note(method_cfg: dict) -> str:
     fill = method_cfg.get("blind_fill")
     if fill == "noise":
         return '<p>Inside the mask the clean latent was replaced by noise (--blind-fill noise).</p>'
+    if fill == "contrast":
+        return ("<p>Inside the mask the clean latent was replaced by the same places of a contrast image (one "
+                "without the concept), drawn for each image and step (--blind-fill contrast).</p>")
     if fill != "surround":
         return ""
     prior = float(method_cfg.get("fill_prior") or 0)

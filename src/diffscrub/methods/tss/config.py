@@ -9,7 +9,7 @@ from ...errors import ConfigError
 
 MASK_MODES = ("cached", "online")
 FORGET_TARGETS = ("clean", "seed")
-BLIND_FILLS = ("surround", "noise")
+BLIND_FILLS = ("surround", "contrast", "noise")
 FINGERPRINTS = ("prototypes", "knn", "names")
 NAME_TARGETS = ("keep", "neutral")
 BLIND_PROMPTS = ("null", "keep")
@@ -34,7 +34,9 @@ class TSSConfig:
         "teacher's raw prediction at z_t_blind, which in eps terms still contains the object (see README)",
     )
     blind_fill: str = option("surround", "what replaces the concept in the clean latent: surround (the mean "
-                             "latent outside the mask, per channel) or noise (the seed's)")
+                             "latent outside the mask, per channel), contrast (the same place in a contrast image: "
+                             "retain folder, else null-prompt samples; one drawn per forget image and step; for a "
+                             "concept that is the background) or noise (the seed's)")
     fill_prior: float = option(0.0, "surround fill: weight of the colour of a contrast image (retain folder, else "
                                "null-prompt samples; one drawn per forget image and step), in image areas of extra "
                                "surround; > 0 for a concept that is the background (a texture, a style), whose own "

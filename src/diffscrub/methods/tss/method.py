@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from ...adapters.base import concat_kwargs
+from ...core.context import LatentCache
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
 from ...concept.knn import knn_scores, scores_to_mask
 from ...concept.mask import to_latent
@@ -291,6 +292,8 @@ class TeacherStudentScrubber(Method):
             # A step draws one per forget image, a colour that some image without the concept has; their
             # mean is a colour none has.
             self._fill_prior = self._contrast_cache().mean.float().mean(dim=(2, 3))
+        if self.config.blind_fill == "contrast":
+            self._contrast_cache()  # drawn now, before training, if no fingerprint needed it
         return figures
 
     def prepare_work(self, n_forget: int) -> int:
@@ -354,6 +357,11 @@ class TeacherStudentScrubber(Method):
             if self._fill_prior is not None:  # [b, C]: a contrast image's colour for each forget image
                 prior = self._fill_prior[ctx.randint(0, self._fill_prior.shape[0], b)]
             fill = surround_fill(z0, mask, prior, cfg.fill_prior)
+        elif cfg.blind_fill == "contrast":
+            # [b, C, H, W]: the same places in a contrast image drawn for each forget image (posterior means:
+            # no draw from the generator, so the noise stream is the same as under the other fills)
+            source = self._contrast_cache().mean
+            fill = source[ctx.randint(0, source.shape[0], b)].to(z0)
         else:
             fill = ctx.randn_like(z0)
         z_t_blind = ctx.schedule.add_noise(blind(z0, mask, fill), eps, t)
@@ -413,10 +421,18 @@ class TeacherStudentScrubber(Method):
         return out
 
     def state_dict(self):
-        return self.artifacts()
+        state = self.artifacts()
+        if self.config.blind_fill == "contrast" and self._contrast is not None:
+            # null-prompt samples drawn for this run: a resume fills from the same ones (a retain folder is
+            # reloaded with the run, so it is not stored)
+            state["contrast_mean"] = self._contrast.mean.contiguous()
+            state["contrast_std"] = self._contrast.std.contiguous()
+        return state
 
     def load_state_dict(self, state):
         self.prototypes = state.get("prototypes")
         self.all_prototypes = state.get("all_prototypes", self.prototypes)
         self.masks = state.get("forget_masks")
         self._fill_prior = state.get("fill_prior")
+        if "contrast_mean" in state:
+            self._contrast = LatentCache(state["contrast_mean"], state["contrast_std"])
