@@ -72,3 +72,39 @@ def test_bench_passes_erase_options_to_every_method(monkeypatch, tmp_path, capsy
     assert code == 0
     assert seen["extra_args"] == ["--lr=0.0001", "--fingerprint", "knn", "--knn-area", "0.15"]
     assert seen["methods"] == ["tss", "esd"] and seen["concept"] == "7"
+
+
+def test_bench_later_passes_reach_every_erase(monkeypatch, tmp_path):
+    """`bench --then` goes to each method's erase command as `--then=FLAGS`, after the shared options."""
+    import subprocess
+
+    import pytest
+
+    from diffscrub import cli
+    from diffscrub.bench import compare
+    from diffscrub.errors import ConfigError
+
+    seen = {}
+
+    def fake_run_bench(concept, out, **kwargs):
+        seen.update(kwargs)
+        (tmp_path / "bench.txt").write_text("table\n")
+
+    monkeypatch.setattr(compare, "run_bench", fake_run_bench)
+    assert cli.main(["bench", "--concept", "7", "--then", "--trainable text-kv --lr 2e-4", "--out", str(tmp_path),
+                     "--quiet"]) == 0
+    assert seen["then"] == ["--trainable text-kv --lr 2e-4"]
+    monkeypatch.undo()
+
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 2, "", "diffscrub: error: stop here")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_run)
+    with pytest.raises(ConfigError, match="stop here"):
+        compare.run_bench("7", str(tmp_path / "b"), methods=["tss"], extra_args=["--lr=0.0001"],
+                          then=["--trainable text-kv --lr 2e-4"], set_size=4, log=lambda m: None)
+    (cmd,) = commands
+    assert cmd[-2:] == ["--lr=0.0001", "--then=--trainable text-kv --lr 2e-4"]

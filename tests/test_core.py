@@ -1098,6 +1098,79 @@ def test_cli_end_to_end(tiny_pipeline_dirs, tmp_path, capsys):
     assert "erased with tss on sd" in capsys.readouterr().out
 
 
+def test_cli_passes_chain_into_one_folder(tiny_pipeline_dirs, tmp_path, capsys):
+    """``--then``: the second pass erases from the first one's output (what the first changed and the
+    second does not train is in the final weights), takes the run settings of the first command line
+    and the names the first pass's inversion found, and leaves one folder with both records."""
+    from diffusers import DiffusionPipeline
+
+    from diffscrub.cli import main
+
+    model = tiny_pipeline_dirs("sd")
+    forget = _images(tmp_path / "forget")
+    out = tmp_path / "out"
+    small = "--num-prototypes 2 --vectors-per-image 8 --contrast-samples 2 --contrast-sample-steps 2"
+    rc = main(["erase", "--model", str(model), "--forget", str(forget), "--out", str(out), "--steps", "2",
+               "--batch-size", "2", "--seed", "3", "--quiet", "--inversion-steps", "2", "--lr", "1e-3", *small.split(),
+               "--then", f"--trainable cross-attention --steps 1 --lr 1e-3 {small}"])
+    assert rc == 0
+    assert "pass 2 of 2" in capsys.readouterr().err
+    record = json.loads((out / "diffscrub.json").read_text())
+    (first,) = record["earlier_passes"]
+    assert first["config"]["model"] == str(model) and record["config"]["model"] == str(tmp_path / "out.pass1")
+    assert (first["steps"], record["steps"]) == (2, 1)
+    assert record["config"]["seed"] == 3 and record["config"]["batch_size"] == 2  # taken from the first line
+    assert first["trainable"] == "full" and record["trainable"] == "cross-attention"
+    found = first["conditioning"]["nearest_words"]
+    assert found and record["conditioning"]["given_names"] == found[:1]  # no inversion against the erased model
+    assert record["conditioning"]["names_from_pass"] == 1
+    assert not (tmp_path / "out.pass1").exists() and not list(tmp_path.glob(".out*"))
+
+    def conv_in(folder):
+        return DiffusionPipeline.from_pretrained(str(folder)).unet.conv_in.weight
+
+    # conv_in is trained by the first pass only: the second pass started from the first one's output
+    assert not torch.equal(conv_in(out), conv_in(model))
+
+    # --resume does not run a pass whose folder is complete again (here: made by a one-pass run)
+    first_line = ["erase", "--model", str(model), "--forget", str(forget), "--steps", "2", "--batch-size", "2",
+                  "--seed", "3", "--quiet", "--names", "zz", "--lr", "1e-3", *small.split()]
+    assert main([*first_line, "--out", str(tmp_path / "again.pass1")]) == 0
+    before = conv_in(tmp_path / "again.pass1")
+    capsys.readouterr()
+    assert main([*first_line, "--out", str(tmp_path / "again"), "--resume", "--then",
+                f"--steps 1 --trainable cross-attention {small}"]) == 0
+    assert "pass 1 of 2: complete in" in capsys.readouterr().err
+    again = json.loads((tmp_path / "again" / "diffscrub.json").read_text())
+    assert again["earlier_passes"][0]["conditioning"]["given_names"] == ["zz"]
+    assert again["conditioning"]["given_names"] == ["zz"]  # given names pass on too
+    assert torch.equal(conv_in(tmp_path / "again"), before)  # pass 2 started from it
+
+
+def test_cli_passes_refuse_mistakes_before_running(tiny_pipeline_dirs, tmp_path, capsys):
+    """A mistake in a later pass's flags is a one-line error before the first pass loads anything."""
+    from diffscrub.cli import main
+
+    model = str(tiny_pipeline_dirs("sd"))
+    base = ["erase", "--model", model, "--forget", str(_images(tmp_path / "forget")), "--quiet",
+            "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    for then, expected in (("--model other --lr 1e-3", "sets --model, which belongs to the whole run"),
+                           ("--bogus 1 --lr 1e-3", "unknown option '--bogus'"),
+                           ("--lr fast --steps 2", "lr"),
+                           ("--method nope --steps 2", "nope")):
+        assert main(base + ["--then", then]) == 2, then
+        err = _err(capsys)
+        assert err.startswith("diffscrub: error: ") and expected in err and "\n" not in err, err
+    (tmp_path / "out.pass1").mkdir()
+    (tmp_path / "out.pass1" / "mine.txt").write_text("keep")
+    assert main(base + ["--then", "--lr 1e-3 --steps 2"]) == 2
+    err = _err(capsys)
+    assert "out.pass1' exists and is not empty" in err and "\n" not in err
+    assert (tmp_path / "out.pass1" / "mine.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget", "out.pass1"]
+
+
 def _err(capsys):
     return capsys.readouterr().err.strip()
 

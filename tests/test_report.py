@@ -312,3 +312,27 @@ def test_report_masks_follow_the_runs_file_order(run_dir, tmp_path):
     # one more usable image than masks: the page says the pairs may not match
     Image.new("RGB", (32, 32)).save(forget / "f99.png")
     assert "the folder changed since the run" in render_report(run_dir)
+
+
+def test_report_of_a_run_in_passes(run_dir):
+    """A several-pass run (``erase --then``): the summary names the model the first pass started from and
+    every pass, the names say which pass found them, and each earlier pass shows what it took the concept to be."""
+    record = json.loads((run_dir / "diffscrub.json").read_text())
+    first = json.loads(json.dumps(record))
+    first["conditioning"] = {"mode": "auto", "nearest_words": ["7", "and"]}
+    first.update(trainable="full", steps=400)
+    first["config"].update(model="toy-unet", lr=2e-4)
+    record["config"].update(model=str(run_dir.parent / "run.pass1"), lr=2.5e-4, names=["7"])
+    record.update(trainable="text-kv", steps=300, earlier_passes=[first])
+    record["conditioning"] = {"mode": "auto", "given_names": ["7"], "names_from_pass": 1}
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+
+    page = render_report(run_dir)
+    summary = page[page.index("<h2>Summary</h2>"):page.index("<h2>Evaluation</h2>")]
+    assert "<td>model</td><td>toy-unet</td>" in summary and "run.pass1" not in summary
+    assert "tss on full, 400 steps, lr 0.0002, tss on text-kv, 300 steps, lr 0.00025" in summary
+    concept = page[page.index("<h2>The concept</h2>"):page.index("<h2>Detector masks")]
+    assert "Names carried over from pass 1: <b>7</b>" in concept
+    assert "--names" not in concept
+    assert "<h3>Pass 1 of 2: tss on full, 400 steps, lr 0.0002</h3>" in concept
+    assert "Your forget folder looks like: <b>7</b>, <b>and</b>" in concept.split("<h3>Pass 1 of 2")[1]

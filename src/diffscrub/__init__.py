@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "erase": ("diffscrub.core.trainer", "erase"),
+    "erase_in_passes": ("diffscrub.core.passes", "erase_in_passes"),
     "EraseConfig": ("diffscrub.config", "EraseConfig"),
     "list_methods": ("diffscrub.methods", "list_methods"),
     "list_families": ("diffscrub.adapters", "list_families"),

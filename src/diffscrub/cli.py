@@ -70,17 +70,51 @@ def split_sections(ns: argparse.Namespace) -> dict:
 
 def config_from_args(ns: argparse.Namespace):
     """Merge ``--config`` file and flags (flags win) into ``(EraseConfig, method options dict)``."""
-    from .methods import METHODS
-
     flags = split_sections(ns)
     config_file = flags.pop("config", None)
     file_values = read_config_file(config_file) if config_file else {}
-    values = merge(file_values, flags)
+    return config_from_values(merge(file_values, flags))
+
+
+def config_from_values(values: dict):
+    """``{"steps": .., "tss": {..}}`` -> ``(EraseConfig, method options dict)``."""
+    from .methods import METHODS
+
+    values = dict(values)
     method = values.get("method", "tss")
     METHODS.get(method)  # unknown method: a clear error before anything else
     sections = {name: values.pop(name) for name in METHODS.names() if isinstance(values.get(name), dict)}
     config = build(EraseConfig, values)
     return config, sections.get(config.method, {})
+
+
+def add_erase_flags(parser: argparse.ArgumentParser) -> None:
+    """Every ``EraseConfig`` field and every method's options, as flags."""
+    from .methods import METHODS
+
+    taken = {"--config", "--then"}
+    add_dataclass_flags(parser, EraseConfig, taken=taken)
+    for name, cls in METHODS.items():
+        add_dataclass_flags(parser, cls.config_class, section=name, taken=taken)
+
+
+def later_pass(first: EraseConfig, text: str, k: int):
+    """``--then "FLAGS"`` -> the ``(EraseConfig, method config)`` of pass ``k``, validated now."""
+    from .core.passes import later_pass_values
+    from .errors import ConfigError
+    from .methods import METHODS
+
+    where = f"--then (pass {k})"
+    parser = argparse.ArgumentParser(prog=f"diffscrub erase {where}", add_help=False, exit_on_error=False)
+    add_erase_flags(parser)
+    try:
+        ns, unknown = parser.parse_known_args(shlex.split(text))
+    except (argparse.ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}: quote the pass's flags as one string, e.g. --then \"--lr 2e-4\"") from None
+    if unknown:
+        raise ConfigError(f"{where}: unknown option {unknown[0]!r}: see `diffscrub erase --help`")
+    config, options = config_from_values(later_pass_values(first, split_sections(ns), where))
+    return config, build(METHODS.get(config.method).config_class, options, where=f"{where} {config.method}")
 
 
 def _quiet_libraries() -> None:
@@ -108,9 +142,17 @@ def _quiet_libraries() -> None:
 def cmd_erase(ns) -> int:
     from .core.trainer import erase
 
+    then = list(getattr(ns, "then", None) or [])
+    ns.__dict__.pop("then", None)
     config, method_options = config_from_args(ns)
+    passes = [(config, method_options)] + [later_pass(config, text, k) for k, text in enumerate(then, start=2)]
     _quiet_libraries()
-    result = erase(config, method_options)
+    if len(passes) > 1:
+        from .core.passes import erase_in_passes
+
+        result = erase_in_passes(passes)
+    else:
+        result = erase(config, method_options)
     if int(os.environ.get("RANK", "0")) != 0:  # several processes: the main one speaks for the run
         return 0
     timing = result.record["timing"]
@@ -159,7 +201,7 @@ def cmd_bench(ns) -> int:
     extra += [f"--batch-size={ns.batch_size}"] if ns.batch_size is not None else []
     extra += shlex.split(ns.erase_args or "")
     run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
-              n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra,
+              n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra, then=ns.then,
               log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
     print((__import__("pathlib").Path(ns.out) / "bench.txt").read_text(), end="")
     return 0
@@ -179,8 +221,6 @@ def cmd_list(ns) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-
     parser = argparse.ArgumentParser(prog="diffscrub", description="Erase a visual concept from a latent diffusion "
                                      "model using only a folder of unlabeled images.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -188,10 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("erase", help="erase the concept shown in --forget from --model and write --out")
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML or TOML file of options (flags win)")
-    taken = {"--config"}
-    add_dataclass_flags(p, EraseConfig, taken=taken)
-    for name, cls in METHODS.items():
-        add_dataclass_flags(p, cls.config_class, section=name, taken=taken)
+    p.add_argument("--then", action="append", default=argparse.SUPPRESS, metavar='"FLAGS"',
+                   help="another pass on this pass's output, with these erase flags (quoted; repeat for more "
+                        "passes; --then=\"--flag\" for a single flag). It takes --forget, --retain, --steps, --batch-size, --seed, --device and the other "
+                        "run settings from this command line, its method options from its own flags, and the "
+                        "concept's names from the pass before (unless it gives --names); one output folder")
+    add_erase_flags(p)
     p.set_defaults(_run=cmd_erase)
 
     p = sub.add_parser("demo", help="erase the brick background from the shipped toy model and show before/after")
@@ -232,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="batch size for every method (default: erase's)")
     p.add_argument("--erase-args", default=None, help='more `diffscrub erase` options for every method, quoted: '
                    '"--fingerprint knn" (recorded in bench.json)')
+    p.add_argument("--then", action="append", default=None, metavar='"FLAGS"',
+                   help="a later pass for every method, as `diffscrub erase --then` (repeat for more passes)")
     p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
     p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")

@@ -68,8 +68,11 @@ def format_table(rows: list[dict], concept: str) -> str:
 def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
               retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
               set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
-              log=print) -> dict:
-    """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``."""
+              then: list[str] | None = None, log=print) -> dict:
+    """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``.
+
+    ``then``: later passes for every method (each a string of erase flags, as ``erase --then``); the
+    row's wall time covers all passes and its peak memory is the highest of them."""
     from ..evaluation import EvalConfig, evaluate
     from ..evaluation.readers import has_prototypes
     from ..methods import METHODS
@@ -104,7 +107,8 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         folder = out_path / f"erased-{method}"
         cmd = [sys.executable, "-m", "diffscrub", "erase", "--model", model, "--forget", str(forget),
                "--retain", str(retain), "--out", str(folder), "--method", method, "--steps", str(steps), "--quiet",
-               "--device", "cpu", "--concept-prompt", concept, *(extra_args or [])]
+               "--device", "cpu", "--concept-prompt", concept, *(extra_args or []),
+               *(f"--then={text}" for text in then or [])]
         log(f"erasing with {method} ...")
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -115,7 +119,9 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         record = json.loads((folder / "diffscrub.json").read_text())
         log(f"evaluating {method} ...")
         metrics = evaluate_model(method, folder)
-        rows.append(_row(method, metrics, wall_s=wall, peak_mb=record["memory"]["cpu_peak_rss_mb"]))
+        peak = max(r["memory"]["cpu_peak_rss_mb"] for r in [record, *record.get("earlier_passes", [])])
+        label = f"{method} ({1 + len(then)} passes)" if then else method
+        rows.append(_row(label, metrics, wall_s=wall, peak_mb=peak))
     first = evals[methods[0]]
     rows.insert(0, _row("original", first, reference=True))
     retrained_folder = _retrained_folder(model, concept, retrained)
@@ -126,7 +132,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         log(f"no retrained model for {concept!r}: pass --retrained DIR (from `diffscrub toy train --exclude {concept}`)")
     table = format_table(rows, concept)
     write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
-                                         "erase_args": list(extra_args or []),
+                                         "erase_args": list(extra_args or []), "then": list(then or []),
                                          "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})
     (out_path / "bench.txt").write_text(table + "\n")
     log(table)

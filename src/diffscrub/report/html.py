@@ -283,6 +283,9 @@ def concept_section(record: dict) -> str:
         parts.append(f"<p>Your forget folder looks like: {_words(cond['nearest_words'])}. These are the words of "
                      "the tokenizer's vocabulary nearest to the token that textual inversion learned for the forget "
                      f"images. The first {names} counted as the concept's names.</p>")
+    elif cond.get("given_names") and cond.get("names_from_pass"):
+        parts.append(f"<p>Names carried over from pass {int(cond['names_from_pass'])}: {_words(cond['given_names'])} "
+                     "(textual inversion against an erased model would find the erasure, not the concept).</p>")
     elif cond.get("given_names"):
         parts.append(f"<p>Names given with --names: {_words(cond['given_names'])} (no textual inversion ran).</p>")
     elif cond.get("mode"):
@@ -460,6 +463,13 @@ def _kv_table(pairs: list[tuple[str, Any]]) -> str:
     return f'<table class="kv">{rows}</table>'
 
 
+def _pass_line(record: dict) -> str:
+    """One pass of a several-pass run, in a few words: "tss on text-kv, 400 steps, lr 0.00025"."""
+    config = record.get("config") or {}
+    return (f"{record.get('method', config.get('method', '?'))} on {record.get('trainable', '?')}, "
+            f"{record.get('steps', config.get('steps', '?'))} steps, lr {config.get('lr', '?')}")
+
+
 def _read_json(path: pathlib.Path, what: str) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -494,8 +504,11 @@ def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | No
     config = record.get("config", {}) or {}
     timing = record.get("timing", {}) or {}
     method = record.get("method", config.get("method", "?"))
+    earlier = record.get("earlier_passes") or []
+    model = (earlier[0].get("config") or {}).get("model") if earlier else config.get("model")
     summary = _kv_table([
-        ("model", config.get("model")), ("method", method), ("family", record.get("family")),
+        ("model", model), ("method", method), ("family", record.get("family")),
+        ("passes", ", ".join(_pass_line(r) for r in [*earlier, record]) if earlier else None),
         ("pipeline", record.get("pipeline_class")), ("forget folder", config.get("forget")),
         ("forget images", record.get("forget_images")), ("retain images", record.get("retain_images")),
         ("steps", record.get("steps", config.get("steps"))), ("trainable", record.get("trainable")),
@@ -511,6 +524,9 @@ def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | No
         sections.append(f'<h2>Evaluation</h2><p class="note">{eval_note}</p>')
         sections.append('<h2>Before and after, same seeds</h2><p class="note">Needs an evaluation folder.</p>')
     sections.append(f"<h2>The concept</h2>{concept_section(record)}")
+    for k, earlier_record in enumerate(earlier, start=1):
+        sections.append(f"<h3>Pass {k} of {len(earlier) + 1}: {_e(_pass_line(earlier_record))}</h3>"
+                        f"{concept_section(earlier_record)}")
     sections.append(f"<h2>Detector masks on forget images</h2>{mask_section(record, run_dir)}")
     sections.append(f"<h2>Loss curves</h2>{loss_section(record.get('losses') or [])}")
     run_config = {"config": config, method: record.get(method)}
