@@ -400,7 +400,8 @@ def test_names_smoothing_keeps_a_level_field_and_spreads_a_spike():
 
 
 def _names_run(tmp_path, **tss):
-    from diffscrub.core.trainer import name_concept, setup_run
+    from diffscrub.core.naming import name_concept
+    from diffscrub.core.trainer import setup_run
     from tiny_pipelines import build_tiny_pipeline
 
     forget = _images(tmp_path / "f")
@@ -662,7 +663,8 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
     """--names: the names go in every template with their neutral forms, no inversion runs, no learned token,
     and the vocabulary anchors leave every given name out."""
     import diffscrub.concept.inversion as inversion
-    from diffscrub.core.trainer import add_vocab_anchors, name_concept, setup_run
+    from diffscrub.core.naming import add_vocab_anchors, name_concept
+    from diffscrub.core.trainer import setup_run
     from tiny_pipelines import build_tiny_pipeline
 
     monkeypatch.setattr(inversion, "invert_concept", lambda *a, **k: pytest.fail("inversion ran despite --names"))
@@ -699,7 +701,8 @@ def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
     """--name-samples: the model draws the prompts that name the concept (round robin, in chunks of the batch,
     no placeholder); their latents join the forget set and its epochs, and a checkpoint brings them back."""
     from diffscrub.core.checkpoint import restore_forget_extra, save_checkpoint
-    from diffscrub.core.trainer import add_name_samples, name_concept, setup_run
+    from diffscrub.core.naming import add_name_samples, name_concept
+    from diffscrub.core.trainer import setup_run
     from tiny_pipelines import build_tiny_pipeline
 
     tok = build_tiny_pipeline("sd").tokenizer
@@ -825,7 +828,8 @@ def test_conditioning_anchors_are_never_pool_draws():
 def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
     """Anchor prompts are vocabulary words without the found name, outside the record's pool; the anchor
     term is zero while the student is the teacher and grows once the student's text path moves."""
-    from diffscrub.core.trainer import add_vocab_anchors, setup_run
+    from diffscrub.core.naming import add_vocab_anchors
+    from diffscrub.core.trainer import setup_run
     from tiny_pipelines import build_tiny_pipeline
 
     forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
@@ -862,7 +866,8 @@ def test_anchor_words_are_kept_in_every_template(tmp_path):
     """--anchor-words: each word in every name template comes first among the anchors, encoded as its own
     prompt; the random draw adds --vocab-anchors more without them; a word that is also a found name is
     dropped (with a notice), and one that is also a given name is refused before anything loads."""
-    from diffscrub.core.trainer import add_vocab_anchors, preflight, setup_run
+    from diffscrub.core.naming import add_vocab_anchors
+    from diffscrub.core.trainer import preflight, setup_run
     from diffscrub.methods.tss import TSSConfig, TeacherStudentScrubber
     from tiny_pipelines import build_tiny_pipeline
 

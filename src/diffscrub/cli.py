@@ -110,11 +110,16 @@ def later_pass(first: EraseConfig, text: str, k: int):
     try:
         ns, unknown = parser.parse_known_args(shlex.split(text))
     except (argparse.ArgumentError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}: quote the pass's flags as one string, e.g. --then \"--lr 2e-4\"") from None
+        raise ConfigError(f"{where}: {exc} (give the pass's flags with their values, quoted as one string: "
+                          "--then \"--lr 2e-4\")") from None
     if unknown:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r}: see `diffscrub erase --help`")
-    config, options = config_from_values(later_pass_values(first, split_sections(ns), where))
-    return config, build(METHODS.get(config.method).config_class, options, where=f"{where} {config.method}")
+    try:
+        config, options = config_from_values(later_pass_values(first, split_sections(ns), where))
+        return config, build(METHODS.get(config.method).config_class, options, where=config.method)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
 
 
 def _quiet_libraries() -> None:

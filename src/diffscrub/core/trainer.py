@@ -23,7 +23,6 @@ from typing import Any, Callable
 import torch
 
 from ..adapters import adapter_for
-from ..adapters.base import Conditioning
 from ..config import EraseConfig, build, to_dict
 from ..errors import ConfigError, InputError, Interrupted, TrainingError
 from ..methods import INPUTS, METHODS
@@ -32,7 +31,9 @@ from .context import ErasureContext, LatentCache
 from .checkpoint import (checkpoint_path, checkpoint_root, clean_partial, complete_checkpoints, load_checkpoint,
                          read_optimizer_state, restore_forget_extra, run_identity, save_checkpoint, unshared)
 from .output import atomic_dir, check_output_dir, write_json
+from .naming import add_name_samples, add_vocab_anchors, name_concept
 from .params import lora_state_dict, merge_lora, select_trainable
+from .progress import Progress
 
 
 @dataclass
@@ -162,27 +163,6 @@ class _StopFlag:
                 signals.signal(s, h)
 
 
-class _Progress:
-    """A tqdm bar, or nothing when quiet."""
-
-    def __init__(self, total: int, desc: str, quiet: bool):
-        self.bar = None
-        if not quiet:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="img" if "phase 1" in desc else "step", leave=True)
-
-    def __call__(self, n: int = 1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 @dataclass
 class Run:
     """Everything set up for a run, before Phase 1: used by :func:`erase` and the benchmarks."""
@@ -305,141 +285,6 @@ def setup_run(
     return Run(config, method_config, pipe, adapter, ctx, method, params, forget_images, retain_images, timing, t0)
 
 
-def name_concept(run: Run, log) -> dict | None:
-    """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool
-    (with ``--names``, the given names instead of the inversion's)."""
-    from ..concept.inversion import invert_concept
-
-    config, ctx = run.config, run.ctx
-    if config.conditioning not in ("auto", "inversion"):
-        return None
-    if config.conditioning == "auto" and not getattr(type(run.method), "inversion_pool", True):
-        # Methods whose keep terms run over the pool (sfd) would preserve the concept's own words.
-        return None
-    if not run.adapter.text_encoder_pairs:
-        if config.conditioning == "inversion":
-            raise ConfigError(f"conditioning='inversion' needs a text encoder; the {run.adapter.family} model has "
-                              "none: use --conditioning null")
-        if config.names:  # names are text: a class-conditional model has nowhere to put them
-            raise ConfigError(f"--names needs a text encoder; the {run.adapter.family} model has none: drop --names")
-        return None
-    if config.names:  # the user's names: no inversion, no learned token
-        from ..concept.inversion import name_prompts
-
-        names = [" ".join(name.split()) for name in config.names]
-        prompts, neutral = name_prompts(names, len(names), list(config.name_contexts), list(ctx.cond.prompts),
-                                        placeholder=False)
-        ctx.cond = ctx.cond.extend(ctx.encode_prompts(prompts))
-        ctx.cond.neutral = neutral
-        log(f"names given: {', '.join(names)}")
-        return {"given_names": names}
-    bar = _Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
-    try:
-        result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
-                                batch_size=config.batch_size, num_words=config.inversion_words,
-                                name_words=config.name_words, contexts=tuple(config.name_contexts),
-                                pool=tuple(ctx.cond.prompts), progress=bar)
-    finally:
-        bar.close()
-    if result is None:
-        return None
-    ctx.cond = ctx.cond.extend(result.conditioning)
-    ctx.cond.neutral = result.neutral
-    log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
-    return {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
-            "inversion_loss_last": result.losses[-1]}
-
-
-NAME_SAMPLE_STEPS = 20  # sampler steps for --name-samples (the pipeline's own sampler and guidance)
-
-
-def add_name_samples(run: Run, log) -> dict | None:
-    """Draw ``config.name_samples`` images of the pool's prompts that name the concept (round robin over them)
-    with the model as it is before training, and add them to the forget images.
-
-    Why: the forget folder shows the concept among clutter, as it was photographed; a prompt naming the concept
-    draws it as the model draws it (alone, centred, in the prompt's setting). The masks, the fingerprint and the
-    distillation then also see the concept where the prompts put it. Only word prompts are drawn: the inversion's
-    placeholder is not in the pipeline's tokenizer. Returns the record's figures, or ``None``."""
-    from ..concept.inversion import PLACEHOLDER
-
-    config, ctx = run.config, run.ctx
-    wanted = config.name_samples
-    if not wanted:
-        return None
-    cond = ctx.cond
-    named = [cond.prompts[i] for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
-    if not named:
-        raise ConfigError("--name-samples draws prompts that name the concept, and this run has none (the model "
-                          "has no text encoder, or the method keeps no names): drop --name-samples, or pass --names")
-    prompts = [named[i % len(named)] for i in range(wanted)]
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    bar = _Progress(wanted, "phase 1: drawing the named concept", config.quiet)
-    try:
-        with ctx.adapter.eval_mode(ctx.student):  # the student is still the teacher here
-            drawn = ctx.generate_latents(prompts, steps=NAME_SAMPLE_STEPS, seed=seed, batch_size=config.batch_size,
-                                         progress=bar)
-    finally:
-        bar.close()
-    ctx.add_forget(drawn)
-    log(f"added {wanted} images the model draws of: {', '.join(named)}")
-    return {"count": wanted, "prompts": named, "steps": NAME_SAMPLE_STEPS}
-
-
-def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
-    """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them: the config's
-    ``anchor_words`` in every name template, then ``vocab_anchors`` more: whole words of the first tokenizer,
-    the concept's names and the kept words left out, in the name templates, drawn at random; or, when the
-    config's ``vocab_candidates`` is larger, of that many such prompts those whose word moves the teacher most,
-    each template in turn.
-    Returns the record's figures, or ``None`` when none were added."""
-    from ..concept.vocabulary import anchor_prompts, kept_prompts, strongest_per_base, vocabulary_words, word_effects
-
-    config, ctx, method_config = run.config, run.ctx, run.method_config
-    wanted = int(getattr(method_config, "vocab_anchors", 0) or 0)
-    keep_words = list(getattr(method_config, "anchor_words", None) or [])
-    if wanted <= 0 and not keep_words:
-        return None
-    pairs = run.adapter.loaded_text_encoder_pairs()
-    if not pairs:
-        log(f"the {run.adapter.family} model has no text encoder: no vocabulary anchors")
-        return None
-    if inversion is not None:
-        names = inversion.get("given_names") or list(inversion.get("nearest_words", []))[:config.name_words]
-    else:
-        names = (config.concept_prompt or "").split()
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    named = {name.lower() for name in names}
-    dropped = [w for w in keep_words if w.lower() in named]
-    if dropped:  # a found name wins: anchoring it would keep the concept under its own name
-        log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
-    keep_words = [w for w in keep_words if w.lower() not in named]
-    kept = kept_prompts(keep_words, list(config.name_contexts))
-    words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
-    candidates = anchor_prompts(words, names + keep_words, list(config.name_contexts),
-                                max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
-                                torch.Generator().manual_seed(seed)) if wanted > 0 else []
-    if not candidates and not kept:
-        return None
-    figures = {"candidates": len(candidates), "left_out": names}
-    if kept:
-        figures["kept_words"] = keep_words
-    with torch.no_grad():  # encoded once: the effects are read under these, and the kept ones are taken from them
-        encoded = ctx.encode_prompts([prompt for prompt, _ in kept + candidates])
-    order = list(range(len(candidates)))
-    if len(candidates) > wanted:  # more drawn than kept: keep the words that move the teacher most
-        drawn = Conditioning([prompt for prompt, _ in candidates],
-                             encoded.take(torch.arange(len(kept), len(kept) + len(candidates))))
-        effects = word_effects(ctx, drawn, [base for _, base in candidates],
-                               ctx.retain if ctx.retain is not None else ctx.forget, config.batch_size)
-        order = strongest_per_base(candidates, effects, wanted)
-        figures.update(effect_kept_min=float(effects[order].min()), effect_median=float(effects.median()))
-    rows = list(range(len(kept))) + [len(kept) + i for i in order]  # [kept prompts, then the drawn ones]
-    prompts = [prompt for prompt, _ in kept] + [candidates[i][0] for i in order]
-    ctx.cond = ctx.cond.with_anchors(Conditioning(prompts, encoded.take(torch.tensor(rows))))
-    return {"count": len(prompts), "examples": prompts[:8], **figures}
-
-
 def erase(
     config: EraseConfig, method_config=None, *, pipe=None, log: Callable[[str], None] | None = None,
 ) -> EraseResult:
@@ -512,7 +357,7 @@ def erase(
         t2 = time.perf_counter()
         prepare_figures = None
         if main or not once:
-            bar = _Progress(method.prepare_work(len(ctx.forget)), "phase 1: fingerprint", quiet)
+            bar = Progress(method.prepare_work(len(ctx.forget)), "phase 1: fingerprint", quiet)
             try:
                 prepare_figures = method.prepare(progress=bar, batch_size=config.batch_size)
             finally:
@@ -554,7 +399,7 @@ def erase(
         return path
 
     stop = _StopFlag()
-    bar = _Progress(config.steps, "phase 2: distil", quiet)
+    bar = Progress(config.steps, "phase 2: distil", quiet)
     if bar.bar is not None:
         bar.bar.update(start - 1)
     t3 = time.perf_counter()
