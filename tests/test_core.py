@@ -1115,9 +1115,13 @@ def test_cli_passes_chain_into_one_folder(tiny_pipeline_dirs, tmp_path, capsys):
     forget = _images(tmp_path / "forget")
     out = tmp_path / "out"
     small = "--num-prototypes 2 --vectors-per-image 8 --contrast-samples 2 --contrast-sample-steps 2"
+    # the second pass's options from its own config file, a flag beside it winning over the file
+    (tmp_path / "pass2.toml").write_text('trainable = "cross-attention"\nsteps = 5\nlr = 1e-3\n[tss]\n'
+                                         'num_prototypes = 2\nvectors_per_image = 8\ncontrast_samples = 2\n'
+                                         'contrast_sample_steps = 2\n')
     rc = main(["erase", "--model", str(model), "--forget", str(forget), "--out", str(out), "--steps", "2",
                "--batch-size", "2", "--seed", "3", "--quiet", "--inversion-steps", "2", "--lr", "1e-3", *small.split(),
-               "--then", f"--trainable cross-attention --steps 1 --lr 1e-3 {small}"])
+               "--then", f"--config {tmp_path / 'pass2.toml'} --steps 1"])
     assert rc == 0
     assert "pass 2 of 2" in capsys.readouterr().err
     record = json.loads((out / "diffscrub.json").read_text())
@@ -1160,7 +1164,9 @@ def test_cli_passes_refuse_mistakes_before_running(tiny_pipeline_dirs, tmp_path,
     base = ["erase", "--model", model, "--forget", str(_images(tmp_path / "forget")), "--quiet",
             "--out", str(tmp_path / "out")]
     capsys.readouterr()
+    (tmp_path / "bad.toml").write_text('out = "elsewhere"\n')
     for then, expected in (("--model other --lr 1e-3", "sets --model, which belongs to the whole run"),
+                           (f"--config {tmp_path / 'bad.toml'}", "sets --out, which belongs to the whole run"),
                            ("--bogus 1 --lr 1e-3", "unknown option '--bogus'"),
                            ("--lr fast --steps 2", "lr"),
                            ("--method nope --steps 2", "nope")):
@@ -1173,7 +1179,7 @@ def test_cli_passes_refuse_mistakes_before_running(tiny_pipeline_dirs, tmp_path,
     err = _err(capsys)
     assert "out.pass1' exists and is not empty" in err and "\n" not in err
     assert (tmp_path / "out.pass1" / "mine.txt").read_text() == "keep"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["forget", "out.pass1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "forget", "out.pass1"]
 
 
 def _err(capsys):

@@ -106,6 +106,7 @@ def later_pass(first: EraseConfig, text: str, k: int):
 
     where = f"--then (pass {k})"
     parser = argparse.ArgumentParser(prog=f"diffscrub erase {where}", add_help=False, exit_on_error=False)
+    parser.add_argument("--config", default=argparse.SUPPRESS)
     add_erase_flags(parser)
     try:
         ns, unknown = parser.parse_known_args(shlex.split(text))
@@ -115,7 +116,10 @@ def later_pass(first: EraseConfig, text: str, k: int):
     if unknown:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r}: see `diffscrub erase --help`")
     try:
-        config, options = config_from_values(later_pass_values(first, split_sections(ns), where))
+        flags = split_sections(ns)
+        config_file = flags.pop("config", None)  # this pass's own file: its flags win over it
+        flags = merge(read_config_file(config_file), flags) if config_file else flags
+        config, options = config_from_values(later_pass_values(first, flags, where))
         return config, build(METHODS.get(config.method).config_class, options, where=config.method)
     except ConfigError as exc:
         message = str(exc)
@@ -235,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=argparse.SUPPRESS, help="YAML or TOML file of options (flags win)")
     p.add_argument("--then", action="append", default=argparse.SUPPRESS, metavar='"FLAGS"',
                    help="another pass on this pass's output, with these erase flags (quoted; repeat for more "
-                        "passes; --then=\"--flag\" for a single flag). It takes --forget, --retain, --steps, --batch-size, --seed, --device and the other "
+                        "passes; --then=\"--flag\" for a single flag; --config FILE works there too). It takes --forget, --retain, --steps, --batch-size, --seed, --device and the other "
                         "run settings from this command line, its method options from its own flags, and the "
                         "concept's names from the pass before (unless it gives --names); one output folder")
     add_erase_flags(p)
