@@ -12,7 +12,10 @@ def _rate(x):
 
 METRICS = {"sets": {
     "null": {"concept_rate": {"reader": "oracle", "reference": _rate(0.12), "erased": _rate(0.02)}},
-    "concept": {"concept_rate": {"reader": "oracle", "reference": _rate(0.9), "erased": _rate(0.4)}},
+    "concept": {"concept_rate": {"reader": "oracle", "reference": _rate(0.9), "erased": _rate(0.4)},
+                "concept_rate_by_prompt": [
+                    {"prompt": "7 on grass", "reference": {"k": 5, "n": 5}, "erased": {"k": 0, "n": 5}},
+                    {"prompt": "7 and 3 on flat", "reference": {"k": 4, "n": 5}, "erased": {"k": 4, "n": 5}}]},
     "other": {"prompt_adherence": {"reference": _rate(0.8), "erased": _rate(0.78)},
               "frechet_distance": {"reference": {"value": 1.5}, "erased": {"value": 1.7}}},
 }}
@@ -25,6 +28,12 @@ def test_rows_and_table():
     assert (era["null_rate"], era["concept_rate"], era["adherence"], era["fd"]) == (0.02, 0.4, 0.78, 1.7)
     table = format_table([ref, era], "7")
     assert "12.0%" in table and " 2.0%" in table and "40.0%" in table and "1.70" in table and "900" in table
+    # the naming column prompt by prompt: the erased model still draws it under the two-digit prompt
+    lines = table.splitlines()
+    start = lines.index("prompts naming 7, samples that show it:")
+    assert lines[start + 1].split()[1:] == ["7", "on", "grass", "7", "and", "3", "on", "flat"]
+    assert lines[start + 2].split() == ["original", "5/5", "4/5"] and lines[start + 3].split() == ["tss", "0/5", "4/5"]
+    assert "samples that show it" not in format_table([_row("tss", {"sets": {}})], "7")  # nothing to break down
 
 
 def test_seed_step_is_faithful(tiny_pipeline_dirs, monkeypatch):

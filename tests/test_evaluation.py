@@ -366,6 +366,19 @@ def test_cli_eval_end_to_end(tiny_pipeline_dirs, tiny_world, tmp_path, monkeypat
     assert metrics["config"]["classifier"] == "my_classifier:brightness"
     assert metrics["sets"]["other"]["preservation"]["pixel_diff"]["mean"] == 0.0
     assert "concept rate (classifier)" in captured.out and str(out) in captured.out
+    # the concept set prompt by prompt, from the same per-sample flags as the set's rate
+    concept = metrics["sets"]["concept"]
+    samples = json.loads((out / "samples.json").read_text())["concept"]
+    rows = concept["concept_rate_by_prompt"]
+    assert [r["prompt"] for r in rows] == concept["prompts"] and all(r["erased"]["n"] == 1 for r in rows)
+    for side in ("reference", "erased"):
+        assert sum(r[side]["k"] for r in rows) == concept["concept_rate"][side]["k"]
+        flags = dict(zip(samples["prompt"], samples[f"classifier_{side}"]))
+        assert [r[side]["k"] for r in rows] == [int(flags[r["prompt"]]) for r in rows]
+    assert "concept_rate_by_prompt" not in metrics["sets"]["null"]
+    first = rows[0]
+    assert any(line.split()[1:2] == first["prompt"].split()[:1] and line.endswith(f"{first['erased']['k']} of 1")
+               for line in captured.out.splitlines() if line.startswith("concept"))
     # the output folder now exists: a second run refuses to overwrite it
     assert main(["eval", "--model", str(folder), "--reference", str(folder), "--forget", str(root / "forget"),
                  "--prompts", str(root / "prompts.yaml"), "--out", str(out)]) == 2

@@ -78,6 +78,8 @@ def make_run(root: pathlib.Path, n_forget: int = 5) -> pathlib.Path:
                                           "reference": {"value": 1.5, "n": 4, "ci": [1.0, 2.0]},
                                           "erased": {"value": 1.7, "n": 4, "ci": [1.1, 2.3]}}},
             "concept": {"n": 4, "concept_rate": {**rate, "reader": "oracle"}, "concept_rate_by_reader": {"oracle": rate},
+                        "concept_rate_by_prompt": [{"prompt": "7 and <3>", "reference": rate["reference"],
+                                                    "erased": rate["erased"]}],
                         "change": {"pixel_diff": _mean(0.2), "ssim": _mean(0.5)}},
             "other": {"n": 2, "concept_rate_by_reader": {}, "preservation": {"pixel_diff": _mean(0.01),
                                                                            "ssim": _mean(0.95)},
@@ -117,6 +119,8 @@ def test_report_sections_and_only_data_uris(run_dir):
     assert "a note &lt;with&gt; markup &amp; such" in page  # escaped
     assert "concept rate, oracle (primary)" in page and "prompt adherence" in page and "Fréchet distance" in page
     assert "reference &minus; erased" in page
+    by_prompt = page[page.index("<h3>Concept rate by prompt (oracle)</h3>"):]
+    assert re.search(r"<td>concept</td><td><code>7 and &lt;3&gt;</code></td><td[^>]*>", by_prompt)
     # sets in the evaluation's order, although metrics.json keeps its keys sorted
     assert page.index("<h3>null prompts") < page.index("<h3>concept prompts") < page.index("<h3>other prompts")
 

@@ -45,6 +45,8 @@ def _row(name: str, metrics: dict | None, *, wall_s=None, peak_mb=None, referenc
     row["adherence"] = pa[side]["rate"] if pa else None
     fd = other.get("frechet_distance")
     row["fd"] = fd[side]["value"] if fd else None
+    row["concept_by_prompt"] = {r["prompt"]: [r[side]["k"], r[side]["n"]]
+                                for r in sets.get("concept", {}).get("concept_rate_by_prompt", [])}
     return row
 
 
@@ -62,6 +64,15 @@ def format_table(rows: list[dict], concept: str) -> str:
         lines.append(f"{r['model']:<18}{pct(r.get('null_rate')):>18}{pct(r.get('concept_rate')):>21}"
                      f"{pct(r.get('adherence')):>19}{num(r.get('fd'), '12.2f')}{num(r.get('wall_s'), '9.0f')}"
                      f"{num(r.get('peak_rss_mb'), '9.0f')}")
+    # the naming column, prompt by prompt: a set's rate can hide one prompt form that still draws it
+    prompts = list(dict.fromkeys(p for r in rows for p in r.get("concept_by_prompt") or {}))
+    if prompts:
+        lines += ["", f"prompts naming {concept}, samples that show it:",
+                  f"{'model':<18}" + "".join(f"{p:>{len(p) + 2}}" for p in prompts)]
+        for r in rows:
+            counts = r.get("concept_by_prompt") or {}
+            lines.append(f"{r['model']:<18}" + "".join(
+                f"{(f'{counts[p][0]}/{counts[p][1]}' if p in counts else '-'):>{len(p) + 2}}" for p in prompts))
     return "\n".join(lines)
 
 

@@ -82,6 +82,10 @@ def _fmt_mean(summary: dict | None, key: str = "mean") -> str:
     return f"{summary[key]:.4f} [{lo:.4f}, {hi:.4f}]"
 
 
+def _count(summary: dict) -> str:
+    return f"{summary['k']} of {summary['n']}"
+
+
 def format_summary(result: dict) -> str:
     """A short plain-text table of the headline figures (reference beside erased)."""
     lines = [f"{'set':<8}{'figure':<26}{'reference':>30}{'erased':>30}"]
@@ -94,6 +98,10 @@ def format_summary(result: dict) -> str:
         if cr:
             lines.append(f"{name:<8}{'concept rate (' + cr['reader'] + ')':<26}{_fmt_rate(cr['reference']):>30}"
                          f"{_fmt_rate(cr['erased']):>30}")
+        if name == "concept":  # the prompts that name the concept, one by one: k of n
+            for row in figures.get("concept_rate_by_prompt", []):
+                label = "  " + (row["prompt"] if len(row["prompt"]) <= 22 else row["prompt"][:21] + "…")
+                lines.append(f"{name:<8}{label:<26}{_count(row['reference']):>30}{_count(row['erased']):>30}")
         pa = figures.get("prompt_adherence")
         if pa:
             lines.append(f"{name:<8}{'prompt adherence':<26}{_fmt_rate(pa['reference']):>30}{_fmt_rate(pa['erased']):>30}")

@@ -139,6 +139,18 @@ def preflight(config: EvalConfig, *, library: bool = False) -> PromptSets:
     return prompt_sets
 
 
+
+def _rates_by_prompt(prompts: list[str], reference: list[bool], erased: list[bool], confidence: float) -> list[dict]:
+    """``[{"prompt", "reference": RATE, "erased": RATE}]`` in the set's prompt order (a list: metrics.json
+    sorts its keys)."""
+    rows: dict[str, tuple[list[bool], list[bool]]] = {}
+    for prompt, ref, era in zip(prompts, reference, erased):
+        r, e = rows.setdefault(prompt, ([], []))
+        r.append(ref)
+        e.append(era)
+    return [{"prompt": prompt, "reference": M.rate_summary(torch.tensor(r), confidence),
+             "erased": M.rate_summary(torch.tensor(e), confidence)} for prompt, (r, e) in rows.items()]
+
 def evaluate(
     config: EvalConfig,
     pipe=None,
@@ -339,6 +351,10 @@ def evaluate(
                 ref_flags_primary = rf
         if primary is not None:
             figures["concept_rate"] = {**readings[primary], "reader": primary}
+            if set_name != "null":  # which prompts still draw it: the set's rate can hide one that does
+                figures["concept_rate_by_prompt"] = _rates_by_prompt(
+                    lay["prompts"][:used], per_sample[f"{primary}_reference"], per_sample[f"{primary}_erased"],
+                    config.confidence)
         figures["concept_rate_by_reader"] = readings
 
         # change against the reference on the same seeds

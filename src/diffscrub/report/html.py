@@ -412,6 +412,17 @@ def metrics_tables(metrics: dict) -> str:
                         f'<span class="ci">({_e(fd.get("features"))})</span></td>'
                         f'{_mean_cell(fd.get("reference"), "value")}{_mean_cell(fd.get("erased"), "value")}<td></td></tr>')
     parts.append(f"<table>{head}{''.join(rows)}</table>")
+    by_prompt = [(set_name, row) for set_name, fig in _in_set_order(metrics.get("sets", {}))
+                 for row in fig.get("concept_rate_by_prompt", [])]
+    if by_prompt:
+        reader = next((fig.get("concept_rate", {}).get("reader") for _, fig in
+                       _in_set_order(metrics.get("sets", {})) if fig.get("concept_rate")), "")
+        parts.append(f"<h3>Concept rate by prompt ({_e(reader)})</h3><p>A set's rate can hide one prompt that "
+                     "still draws the concept.</p><table><tr><th>set</th><th>prompt</th><th>reference</th>"
+                     "<th>erased</th></tr>"
+                     + "".join(f'<tr><td>{_e(set_name)}</td><td><code>{_e(row["prompt"])}</code></td>'
+                               f'{_rate_cell(row["reference"])}{_rate_cell(row["erased"])}</tr>'
+                               for set_name, row in by_prompt) + "</table>")
 
     readers = metrics.get("readers", {})
     rrows = []
