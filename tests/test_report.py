@@ -324,7 +324,8 @@ def test_report_of_a_run_in_passes(run_dir):
     record = json.loads((run_dir / "diffscrub.json").read_text())
     first = json.loads(json.dumps(record))
     first["conditioning"] = {"mode": "auto", "nearest_words": ["7", "and"]}
-    first.update(trainable="full", steps=400)
+    first.update(trainable="full", steps=400, timing={"total_s": 100.0})
+    record["timing"] = {"total_s": 50.5}
     first["config"].update(model="toy-unet", lr=2e-4)
     record["config"].update(model=str(run_dir.parent / "run.pass1"), lr=2.5e-4, names=["7"])
     record.update(trainable="text-kv", steps=300, earlier_passes=[first])
@@ -335,6 +336,7 @@ def test_report_of_a_run_in_passes(run_dir):
     summary = page[page.index("<h2>Summary</h2>"):page.index("<h2>Evaluation</h2>")]
     assert "<td>model</td><td>toy-unet</td>" in summary and "run.pass1" not in summary
     assert "tss on full, 400 steps, lr 0.0002, tss on text-kv, 300 steps, lr 0.00025" in summary
+    assert "<td>total time (s), all passes</td><td>150.5</td>" in summary
     concept = page[page.index("<h2>The concept</h2>"):page.index("<h2>Detector masks")]
     assert "Names carried over from pass 1: <b>7</b>" in concept
     assert "--names" not in concept

@@ -474,6 +474,12 @@ def _kv_table(pairs: list[tuple[str, Any]]) -> str:
     return f'<table class="kv">{rows}</table>'
 
 
+def _total_time(records: list[dict]) -> str | None:
+    """Seconds the run took, summed over its passes (None when a record lacks its time)."""
+    times = [(r.get("timing") or {}).get("total_s") for r in records]
+    return f"{sum(times):.1f}" if all(isinstance(t, (int, float)) for t in times) else None
+
+
 def _pass_line(record: dict) -> str:
     """One pass of a several-pass run, in a few words: "tss on text-kv, 400 steps, lr 0.00025"."""
     config = record.get("config") or {}
@@ -524,7 +530,7 @@ def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | No
         ("forget images", record.get("forget_images")), ("retain images", record.get("retain_images")),
         ("steps", record.get("steps", config.get("steps"))), ("trainable", record.get("trainable")),
         ("device", record.get("device")),
-        ("total time (s)", f"{timing['total_s']:.1f}" if isinstance(timing.get("total_s"), (int, float)) else None),
+        ("total time (s)" + (", all passes" if earlier else ""), _total_time([*earlier, record])),
         ("evaluation", str(eval_dir) if metrics is not None else "none"),
     ])
     sections = [f"<h2>Summary</h2>{summary}"]
