@@ -519,7 +519,6 @@ def render_report(run_dir: str | pathlib.Path, eval_dir: str | pathlib.Path | No
                      "--forget FORGET --out DIR/eval ...</code> and render again (or pass --eval).")
 
     config = record.get("config", {}) or {}
-    timing = record.get("timing", {}) or {}
     method = record.get("method", config.get("method", "?"))
     earlier = record.get("earlier_passes") or []
     model = (earlier[0].get("config") or {}).get("model") if earlier else config.get("model")
