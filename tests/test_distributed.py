@@ -107,6 +107,29 @@ def test_two_processes_match_one_on_the_same_global_batch(runs):
     assert torch.equal(masks[0], masks[1])
 
 
+def test_passes_under_two_processes_match_one(tiny_pipeline_dirs, tmp_path):
+    """``--then`` under torchrun: the main process alone writes the final record and removes the pass folder,
+    every rank takes the same names from the pass before, and the result is the single-process one."""
+    model, forget = tiny_pipeline_dirs("sd"), _images(tmp_path / "forget")
+    then = ("--then=--trainable cross-attention --num-prototypes 2 --vectors-per-image 16 --contrast-samples 2 "
+            "--contrast-sample-steps 2")
+    args = _erase_args(model, forget, tmp_path / "one")[:-2]  # (without --name-samples)
+    one = subprocess.run([sys.executable, *args, then], env=_env(), capture_output=True, timeout=300)
+    assert one.returncode == 0, one.stderr.decode()[-3000:]
+    args[args.index(str(tmp_path / "one"))] = str(tmp_path / "runs" / "two")
+    two = subprocess.run(_torchrun(2, *args, then), env=_env(), capture_output=True, timeout=300)
+    assert two.returncode == 0, two.stderr.decode()[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["two"]  # no pass folder, no checkpoints
+    a = json.loads((tmp_path / "one" / "diffscrub.json").read_text())
+    b = json.loads((tmp_path / "runs" / "two" / "diffscrub.json").read_text())
+    assert b["world_size"] == 2 and len(a["earlier_passes"]) == len(b["earlier_passes"]) == 1
+    assert a["conditioning"]["given_names"] == b["conditioning"]["given_names"]
+    assert b["conditioning"]["names_from_pass"] == 1
+    expected, got = _unet(tmp_path / "one"), _unet(tmp_path / "runs" / "two")
+    for key in expected:  # float-level differences only, as in the one-pass comparison above
+        assert torch.allclose(got[key], expected[key], rtol=0, atol=5e-5), key
+
+
 @pytest.mark.slow  # two more launches (~40 s on 2 busy cores)
 def test_sigterm_stops_every_process_and_resume_matches(runs, tmp_path):
     """SIGTERM to the launcher: every rank stops after the same step, the main process alone saves a

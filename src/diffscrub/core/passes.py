@@ -94,9 +94,10 @@ def erase_in_passes(passes: list[tuple[EraseConfig, Any]], *, log: Callable[[str
         if not (first.resume and (folder / "diffscrub.json").is_file()):
             check_output_dir(folder, overwrite=first.overwrite or first.resume)
 
-    records, result, model, inherited = [], None, first.model, False
+    records, result, model = [], None, first.model
     for k, ((config, method_config), folder) in enumerate(zip(passes, folders), start=1):
         config = dataclasses.replace(config, model=str(model), out=str(folder))
+        inherited = False
         if records:
             named = _inherit_names(config, method_config, _found_names(records[-1], passes[k - 2][0]), k, log)
             inherited, config = named is not config, named
@@ -109,12 +110,12 @@ def erase_in_passes(passes: list[tuple[EraseConfig, Any]], *, log: Callable[[str
                 f"{config.trainable or 'default'}, lr {config.lr:g}")
             result = erase(config, method_config, log=log)
             records.append(result.record)
+        if inherited:  # the report says where the names came from (not --names)
+            records[-1]["conditioning"] = dict(records[-1].get("conditioning") or {}, names_from_pass=k - 1)
         model = folder
 
     if n > 1 and int(os.environ.get("RANK", "0")) == 0:  # several processes: the main one writes
-        record = dict(result.record, earlier_passes=records[:-1])
-        if inherited:  # the report says where the names came from (not --names)
-            record["conditioning"] = dict(record.get("conditioning") or {}, names_from_pass=n - 1)
+        record = dict(records[-1], earlier_passes=records[:-1])
         write_json(final_out / "diffscrub.json", record)
         for folder in folders[:-1]:
             shutil.rmtree(folder, ignore_errors=True)  # their records are in the final one
