@@ -1147,6 +1147,13 @@ def test_cli_passes_chain_into_one_folder(tiny_pipeline_dirs, tmp_path, capsys):
     assert main([*first_line, "--out", str(tmp_path / "again.pass1")]) == 0
     before = conv_in(tmp_path / "again.pass1")
     capsys.readouterr()
+    # the names carried over are all words to keep: the run stops there, pass 1 kept for --resume
+    assert main([*first_line, "--out", str(tmp_path / "again"), "--resume", "--then",
+                 f"--steps 1 --trainable cross-attention --anchor-words zz {small}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffscrub:")]
+    assert len(err) == 1 and "(zz) are all --anchor-words" in err[0] and "give --names in --then" in err[0]
+    assert "again.pass1' and will not run again" in err[0] and not (tmp_path / "again").exists()
+    assert torch.equal(conv_in(tmp_path / "again.pass1"), before)
     assert main([*first_line, "--out", str(tmp_path / "again"), "--resume", "--then",
                 f"--steps 1 --trainable cross-attention {small}"]) == 0
     assert "pass 1 of 2: complete in" in capsys.readouterr().err

@@ -57,9 +57,11 @@ def _found_names(record: dict, config: EraseConfig) -> list[str]:
     return list(cond.get("given_names") or list(cond.get("nearest_words") or [])[:config.name_words])
 
 
-def _inherit_names(config: EraseConfig, method_config, names: list[str], k: int, log) -> EraseConfig:
+def _inherit_names(config: EraseConfig, method_config, names: list[str], k: int, log,
+                   folder: pathlib.Path) -> EraseConfig:
     """A later pass without ``--names`` names the concept as the earlier pass did: textual inversion
-    against an erased model finds the erasure, not the concept (on toy-unet's 7: "grass, 1, m")."""
+    against an erased model finds the erasure, not the concept (on toy-unet's 7: "grass, 1, m"). When every
+    name is a word the pass must keep, the run stops before the pass loads anything, for the same reason."""
     from ..methods import METHODS
 
     if config.names or config.conditioning != "auto" or not names:
@@ -71,7 +73,10 @@ def _inherit_names(config: EraseConfig, method_config, names: list[str], k: int,
     if len(kept) < len(names):
         log(f"pass {k}: {', '.join(n for n in names if n.lower() in keep)} left out of the names (a word to keep)")
     if not kept:
-        return config
+        raise ConfigError(f"--then (pass {k}): the names pass {k - 1} found ({', '.join(names)}) are all "
+                          f"--anchor-words, and textual inversion against an erased model finds the erasure, not "
+                          f"the concept: give --names in --then, and --resume (pass {k - 1} is complete in "
+                          f"'{folder}' and will not run again)")
     log(f"pass {k}: names from the pass before: {', '.join(kept)}")
     return dataclasses.replace(config, names=kept)
 
@@ -99,7 +104,8 @@ def erase_in_passes(passes: list[tuple[EraseConfig, Any]], *, log: Callable[[str
         config = dataclasses.replace(config, model=str(model), out=str(folder))
         inherited = False
         if records:
-            named = _inherit_names(config, method_config, _found_names(records[-1], passes[k - 2][0]), k, log)
+            named = _inherit_names(config, method_config, _found_names(records[-1], passes[k - 2][0]), k, log,
+                                   folders[k - 2])
             inherited, config = named is not config, named
         done = folder / "diffscrub.json"
         if k < n and first.resume and done.is_file():
