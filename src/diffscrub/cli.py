@@ -68,12 +68,16 @@ def split_sections(ns: argparse.Namespace) -> dict:
     return out
 
 
-def config_from_args(ns: argparse.Namespace):
-    """Merge ``--config`` file and flags (flags win) into ``(EraseConfig, method options dict)``."""
+def values_from_args(ns: argparse.Namespace) -> dict:
+    """The given flags over the ``--config`` file's values, if one was given (flags win)."""
     flags = split_sections(ns)
     config_file = flags.pop("config", None)
-    file_values = read_config_file(config_file) if config_file else {}
-    return config_from_values(merge(file_values, flags))
+    return merge(read_config_file(config_file), flags) if config_file else flags
+
+
+def config_from_args(ns: argparse.Namespace):
+    """Merge ``--config`` file and flags (flags win) into ``(EraseConfig, method options dict)``."""
+    return config_from_values(values_from_args(ns))
 
 
 def config_from_values(values: dict):
@@ -116,10 +120,8 @@ def later_pass(first: EraseConfig, text: str, k: int):
     if unknown:
         raise ConfigError(f"{where}: unknown option {unknown[0]!r}: see `diffscrub erase --help`")
     try:
-        flags = split_sections(ns)
-        config_file = flags.pop("config", None)  # this pass's own file: its flags win over it
-        flags = merge(read_config_file(config_file), flags) if config_file else flags
-        config, options = config_from_values(later_pass_values(first, flags, where))
+        # this pass's own flags over its own --config file, then over what the first pass hands on
+        config, options = config_from_values(later_pass_values(first, values_from_args(ns), where))
         return config, build(METHODS.get(config.method).config_class, options, where=config.method)
     except ConfigError as exc:
         message = str(exc)

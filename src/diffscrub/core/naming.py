@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from .trainer import Run
 
 
+def concept_names(conditioning: dict, name_words: int) -> list[str]:
+    """The names a run used for the concept, from its conditioning record (what :func:`name_concept`
+    returns, as saved in ``diffscrub.json``): the ones given, else the inversion's first ``name_words``."""
+    return list(conditioning.get("given_names") or list(conditioning.get("nearest_words") or [])[:name_words])
+
+
 def name_concept(run: Run, log) -> dict | None:
     """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool
     (with ``--names``, the given names instead of the inversion's)."""
@@ -121,7 +127,7 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
         log(f"the {run.adapter.family} model has no text encoder: no vocabulary anchors")
         return None
     if inversion is not None:
-        names = inversion.get("given_names") or list(inversion.get("nearest_words", []))[:config.name_words]
+        names = concept_names(inversion, config.name_words)
     else:
         names = (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from ..config import EraseConfig
 from ..errors import ConfigError
+from .naming import concept_names
 from .output import check_output_dir, write_json
 
 # What a later pass takes from the first one unless its own flags say otherwise: the inputs and how
@@ -49,12 +50,6 @@ def later_pass_values(first: EraseConfig, flags: dict[str, Any], where: str) -> 
             raise ConfigError(f"{where} sets --{key.replace('_', '-')}, which belongs to the whole run: give it once, "
                               "before --then")
     return {**{key: getattr(first, key) for key in INHERITED}, **flags}
-
-
-def _found_names(record: dict, config: EraseConfig) -> list[str]:
-    """The concept's names a finished pass used: the ones given, else its inversion's first words."""
-    cond = record.get("conditioning") or {}
-    return list(cond.get("given_names") or list(cond.get("nearest_words") or [])[:config.name_words])
 
 
 def _inherit_names(config: EraseConfig, method_config, names: list[str], k: int, log,
@@ -104,8 +99,8 @@ def erase_in_passes(passes: list[tuple[EraseConfig, Any]], *, log: Callable[[str
         config = dataclasses.replace(config, model=str(model), out=str(folder))
         inherited = False
         if records:
-            named = _inherit_names(config, method_config, _found_names(records[-1], passes[k - 2][0]), k, log,
-                                   folders[k - 2])
+            found = concept_names(records[-1].get("conditioning") or {}, passes[k - 2][0].name_words)
+            named = _inherit_names(config, method_config, found, k, log, folders[k - 2])
             inherited, config = named is not config, named
         done = folder / "diffscrub.json"
         if k < n and first.resume and done.is_file():

@@ -139,7 +139,6 @@ def preflight(config: EvalConfig, *, library: bool = False) -> PromptSets:
     return prompt_sets
 
 
-
 def _rates_by_prompt(prompts: list[str], reference: list[bool], erased: list[bool], confidence: float) -> list[dict]:
     """``[{"prompt", "reference": RATE, "erased": RATE}]`` in the set's prompt order (a list: metrics.json
     sorts its keys)."""
@@ -150,6 +149,7 @@ def _rates_by_prompt(prompts: list[str], reference: list[bool], erased: list[boo
         e.append(era)
     return [{"prompt": prompt, "reference": M.rate_summary(torch.tensor(r), confidence),
              "erased": M.rate_summary(torch.tensor(e), confidence)} for prompt, (r, e) in rows.items()]
+
 
 def evaluate(
     config: EvalConfig,
