@@ -57,8 +57,12 @@ def _torchrun(nproc, *args):
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), *args]
 
 
+def _component(out, name):
+    return load_file(str(next((pathlib.Path(out) / name).glob("*.safetensors"))))
+
+
 def _unet(out):
-    return load_file(str(next((out / "unet").glob("*.safetensors"))))
+    return _component(out, "unet")
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +115,10 @@ def test_passes_under_two_processes_match_one(tiny_pipeline_dirs, tmp_path):
     """``--then`` under torchrun: the main process alone writes the final record and removes the pass folder,
     every rank takes the same names from the pass before, and the result is the single-process one."""
     model, forget = tiny_pipeline_dirs("sd"), _images(tmp_path / "forget")
+    # pass 2 also learns the names' rows in the text encoder: parameters outside DDP's student, whose gradients
+    # the loop averages over the processes itself
     then = ("--then=--trainable cross-attention --num-prototypes 2 --vectors-per-image 16 --contrast-samples 2 "
-            "--contrast-sample-steps 2")
+            "--contrast-sample-steps 2 --name-embeddings --name-embedding-lr 1e-2")
     args = _erase_args(model, forget, tmp_path / "one")[:-2]  # (without --name-samples)
     one = subprocess.run([sys.executable, *args, then], env=_env(), capture_output=True, timeout=300)
     assert one.returncode == 0, one.stderr.decode()[-3000:]
@@ -128,6 +134,13 @@ def test_passes_under_two_processes_match_one(tiny_pipeline_dirs, tmp_path):
     expected, got = _unet(tmp_path / "one"), _unet(tmp_path / "runs" / "two")
     for key in expected:  # float-level differences only, as in the one-pass comparison above
         assert torch.allclose(got[key], expected[key], rtol=0, atol=5e-5), key
+    assert a["name_embeddings"]["tokens"] == b["name_embeddings"]["tokens"]
+    assert b["name_embeddings"]["largest_relative_change"] > 0
+    tables = [_component(d, "text_encoder")["embeddings.token_embedding.weight"]
+              for d in (model, tmp_path / "one", tmp_path / "runs" / "two")]
+    moved = (tables[1] != tables[0]).any(-1)
+    assert int(moved.sum()) == len(a["name_embeddings"]["tokens"]["text_encoder"])
+    assert torch.allclose(tables[2], tables[1], rtol=0, atol=5e-5)
 
 
 @pytest.mark.slow  # two more launches (~40 s on 2 busy cores)

@@ -138,6 +138,8 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
                               "name_samples": {"count": 2, "prompts": ["7", "7 on grass"], "steps": 20},
                               "vocab_anchors": {"count": 3, "examples": ["q on brick", "two"], "left_out": ["7"],
                                                 "kept_words": ["3", "eig<ht"]}}
+    record["name_embeddings"] = {"tokens": {"text_encoder": ["7"], "text_encoder_2": ["7"]},
+                                 "largest_relative_change": 0.714}
     record["prepare"] = {"prototypes_kept": 1, "prototype_selection": {
         "forget_rate": [0.30, 0.10], "retain_rate": [0.05, 0.12], "kept": [True, False]}}
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
@@ -154,6 +156,7 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     assert "drew 2 images of <code>7</code>, <code>7 on grass</code>" in concept
     assert "3 vocabulary anchors" in concept and "left out: <b>7</b>" in concept
     assert "kept in every template: <b>3</b>, <b>eig&lt;ht</b>" in concept
+    assert "learned their input embeddings of <b>7</b> (--name-embeddings; largest change 71%" in concept
     assert "Prototypes kept: 1 of 2" in concept and "at least 2.0 times" in concept and "--fingerprint knn" in concept
     rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)%</td><td>([\d.]+)%</td><td>(\w+)</td></tr>", concept)
     assert rows == [("0", "30.0", "5.0", "kept"), ("1", "10.0", "12.0", "dropped")]

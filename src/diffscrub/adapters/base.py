@@ -76,6 +76,19 @@ class Conditioning:
         """Denoiser kwargs for a batch: prompt ``index[b]`` for sample ``b``; index ``[B]`` long."""
         return _map_tensors(self.kwargs, lambda x: x.index_select(0, index.to(x.device)))
 
+    def with_rows(self, index: torch.Tensor, other: "Conditioning") -> "Conditioning":
+        """This pool with prompts ``index [n]`` taken from ``other`` (``n`` prompts, in that order; gradients
+        flow into them): the student's pool when part of it is re-encoded every step."""
+        def put(x, y):
+            return x.index_copy(0, index.to(x.device), y.to(x.dtype))
+
+        def merge(a, b):
+            if isinstance(a, dict):
+                return {k: merge(a[k], b[k]) for k in a}
+            return put(a, b) if isinstance(a, torch.Tensor) else a
+
+        return Conditioning(self.prompts, merge(self.kwargs, other.kwargs), self.neutral, self.pool_size)
+
     def extend(self, other: "Conditioning") -> "Conditioning":
         """The pool of both, ``self``'s prompts first."""
         if self.pool_size is not None:

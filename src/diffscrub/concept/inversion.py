@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .tokens import clean_token, token_embedding_modules
+
 PLACEHOLDER = "<concept>"
 
 
@@ -32,10 +34,6 @@ class InversionResult:
     conditioning: object = None  # Conditioning of ``prompts``, encoded while the placeholder existed
 
 
-def _clean_token(text: str) -> str:
-    return text.replace("</w>", "").replace("▁", "").replace("Ġ", "").strip()
-
-
 def _word_of(token: str) -> str | None:
     """The word a vocabulary entry stands for, or None for word pieces, bytes and special tokens.
 
@@ -44,7 +42,7 @@ def _word_of(token: str) -> str | None:
     """
     if not (token.endswith("</w>") or token.startswith(("▁", "Ġ"))):
         return None
-    word = _clean_token(token)
+    word = clean_token(token)
     if word and word.isascii() and all(c.isalnum() or c in "-'" for c in word) and any(c.isalnum() for c in word):
         return word
     return None
@@ -137,7 +135,7 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
                 mask = (inputs[0] == new_id).unsqueeze(-1).to(output.dtype)  # [B, L, 1]
                 return output * (1 - mask) + mask * row.to(output.dtype)
 
-            hooks.append(encoder.get_input_embeddings().register_forward_hook(hook))
+            hooks.extend(m.register_forward_hook(hook) for m in token_embedding_modules(encoder))
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
         # 2. Optimise the placeholder rows against the frozen denoiser's denoising loss.

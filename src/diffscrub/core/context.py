@@ -140,6 +140,9 @@ class ErasureContext:
     forget_extra: LatentCache | None = None
     #: the student's learning rate (``--lr``), for a method that trains a second network beside it.
     lr: float = 1e-4
+    #: the concept's names as this run uses them (``--names``, else the inversion's first ``--name-words``);
+    #: set when Phase 1 names the concept, empty when it does not.
+    names: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)

@@ -53,6 +53,7 @@ def name_concept(run: Run, log) -> dict | None:
                                         placeholder=False)
         ctx.cond = ctx.cond.extend(ctx.encode_prompts(prompts))
         ctx.cond.neutral = neutral
+        ctx.names = names
         log(f"names given: {', '.join(names)}")
         return {"given_names": names}
     bar = Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
@@ -67,6 +68,7 @@ def name_concept(run: Run, log) -> dict | None:
         return None
     ctx.cond = ctx.cond.extend(result.conditioning)
     ctx.cond.neutral = result.neutral
+    ctx.names = list(result.nearest[:config.name_words])
     log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
     return {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
             "inversion_loss_last": result.losses[-1]}

@@ -106,7 +106,7 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     check = getattr(method_cls, "check_inputs", None)
     if check is not None and method_config is not None:
         check(method_config, retain=config.retain, concept_prompt=config.concept_prompt,
-              conditioning=config.conditioning)
+              conditioning=config.conditioning, fsdp=config.fsdp)
 
 
 def check_checkpoints(config: EraseConfig) -> None:
@@ -330,8 +330,9 @@ def erase(
         if not method.resumable_state:
             method.prepare(batch_size=config.batch_size)
         # A sharded student's optimizer is built (and its state loaded) after sharding, below.
-        meta = load_checkpoint(resume_from, student=student, optimizer=None if dist.fsdp else optimizer, ctx=ctx,
-                               method=method, identity=identity)
+        # The optimizer's state is loaded below, once the method's own parameter groups are in it.
+        meta = load_checkpoint(resume_from, student=student, optimizer=None, ctx=ctx, method=method,
+                               identity=identity)
         start, history = meta["step"] + 1, meta["history"]
         inversion, prepare_figures = meta["extra"].get("inversion"), meta["extra"].get("prepare", {})
         timing.update({k: v for k, v in meta["extra"].get("timing", {}).items() if k not in timing})
@@ -369,6 +370,18 @@ def erase(
             inversion, prepare_figures = extra["inversion"], extra["prepare"]
         timing["phase1_s"] = time.perf_counter() - t2
         start, history = 1, []
+
+    # Parameters the method trains outside the denoiser (the names' embedding rows): their own optimizer
+    # groups, their gradients averaged over processes by hand (DDP wraps the student only).
+    extra_groups = method.parameter_groups()
+    extra = [p for group in extra_groups for p in group["params"]]
+    if extra and dist.fsdp:
+        raise ConfigError("--fsdp shards the denoiser only, and this method also trains parameters outside it "
+                          "(--name-embeddings): drop --fsdp, or drop --name-embeddings")
+    for group in extra_groups:
+        optimizer.add_param_group(group)
+    if resume_from is not None and not dist.fsdp:
+        optimizer.load_state_dict(read_optimizer_state(resume_from))
 
     local_batch = config.batch_size
     if dist.enabled:
@@ -426,6 +439,12 @@ def erase(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
+                if extra:
+                    if dist.enabled:
+                        for p in extra:
+                            if p.grad is not None:
+                                p.grad = dist.sum(p.grad) / dist.world
+                    torch.nn.utils.clip_grad_norm_(extra, 1.0)
                 optimizer.step()
                 if step % config.log_every == 0 or step == config.steps or step == 1:
                     row = {"step": step, "total": float(total.detach())}
@@ -493,6 +512,7 @@ def erase(
                 merge_lora(student)
             if ctx.dtype != torch.float32:
                 student.to(ctx.dtype)  # under --mixed-precision the pipeline is saved in that precision
+            record.update(method.finish(pipe))
             pipe.save_pretrained(tmp, safe_serialization=True)
             artifacts = method.artifacts()
             if artifacts:

@@ -67,6 +67,17 @@ class Method:
         (``{"one_step_timestep": t}``: one denoiser call on pure noise at ``t``); ``None``: as usual."""
         return None
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups the method trains beside the student's parameters (outside the denoiser, such as a
+        text encoder's rows), as ``torch.optim`` param-group dicts; available after :meth:`prepare` (or
+        :meth:`load_state_dict`). Their values belong in :meth:`state_dict` so that a resumed run has them."""
+        return []
+
+    def finish(self, pipe) -> dict[str, Any]:
+        """Write what the method trained outside the denoiser into ``pipe`` before it is saved; returns figures
+        for the run record (merged into ``diffscrub.json``)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 

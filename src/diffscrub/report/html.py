@@ -308,6 +308,14 @@ def concept_section(record: dict) -> str:
                      + (f"; kept in every template: {_words(anchors['kept_words'])}" if anchors.get("kept_words")
                         else "")
                      + (f"; left out: {_words(anchors['left_out'])}" if anchors.get("left_out") else "") + ".</p>")
+    learned = record.get("name_embeddings")
+    if learned:
+        tokens = [token for encoder in learned.get("tokens", {}).values() for token in encoder]
+        parts.append(f"<p>The text encoders learned their input embeddings of {_words(sorted(set(tokens)))} "
+                     "(--name-embeddings; largest change "
+                     f"{100 * float(learned.get('largest_relative_change', 0)):.0f}% of the row's norm): a prompt "
+                     "writing these tokens reads them as the trained rows, in any context; no other prompt "
+                     "changed.</p>")
     selection = prepare.get("prototype_selection")
     if selection:
         other = {"knn": "the neighbour fingerprint (--fingerprint knn)",

@@ -101,6 +101,14 @@ class TSSConfig:
         "word changes the frozen teacher's prediction most, each template in turn, are kept",
     )
     lambda_v: float = option(1.0, "weight of the vocabulary-anchor term (with vocab_anchors > 0)")
+    name_embeddings: bool = option(
+        False,
+        "also learn the text encoders' input embeddings of the concept's names (--names, else the inversion's first "
+        "--name-words; tokens that --anchor-words also use are left alone), beside the denoiser: the name then "
+        "loses the concept in every context it is written in, not only the --name-contexts templates, and prompts "
+        "without it do not change at all; the saved pipeline's text encoders carry the learned rows",
+    )
+    name_embedding_lr: float = option(0.0, "learning rate of those rows (0: the run's --lr)")
     knn_k: int = option(5, "neighbours averaged on each side of the knn score")
     knn_area: float = option(0.1, "share of forget locations the knn and names masks keep (their threshold is that "
                              "quantile)")
@@ -143,6 +151,10 @@ class TSSConfig:
         check_range("tss.knn_k", self.knn_k, 1)
         check_range("tss.vocab_anchors", self.vocab_anchors, 0)
         check_range("tss.lambda_v", self.lambda_v, 0)
+        check_range("tss.name_embedding_lr", self.name_embedding_lr, 0)
+        if self.name_embedding_lr > 0 and not self.name_embeddings:
+            raise ConfigError(f"tss.name_embedding_lr={self.name_embedding_lr} is the rate of the names' embeddings, "
+                              "which this run does not learn: add --name-embeddings, or drop --name-embedding-lr")
         check_range("tss.vocab_candidates", self.vocab_candidates, 0)
         self.anchor_words = [w.strip() for w in self.anchor_words if w.strip()]
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)

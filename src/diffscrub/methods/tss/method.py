@@ -42,7 +42,9 @@ import torch
 from ...adapters.base import concat_kwargs
 from ...core.context import LatentCache
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
+from ...concept.inversion import PLACEHOLDER
 from ...concept.knn import knn_scores, scores_to_mask
+from ...concept.name_embeddings import NameEmbeddings
 from ...concept.mask import to_latent
 from ...concept.naming import location_error, reference_mask, smooth
 from ...errors import ConfigError
@@ -94,6 +96,8 @@ class TeacherStudentScrubber(Method):
         self._knn_banks = None
         self._contrast = None  # latents of null-prompt samples, when there is no retain folder
         self._fill_prior = None  # [N, C]: each contrast image's mean latent, when fill_prior > 0
+        self.name_rows: NameEmbeddings | None = None  # the names' learned input embeddings (name_embeddings)
+        self._reencoded: torch.Tensor | None = None  # [n] pool indices of the prompts the student re-encodes
 
     # ------------------------------------------------------------------ phase 1
     def _band_vectors(self, cache, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,11 +160,17 @@ class TeacherStudentScrubber(Method):
         return pred, concept_mask(feats, self.prototypes, self.config.tau, self.config.alpha, z_t.shape[-2:])
 
     @classmethod
-    def check_inputs(cls, config: TSSConfig, *, conditioning: str = "auto", **_) -> None:
+    def check_inputs(cls, config: TSSConfig, *, conditioning: str = "auto", fsdp: bool = False, **_) -> None:
         """Input checks that need no model (the CLI's preflight calls this before anything loads)."""
         if config.fingerprint == "names" and conditioning == "null":
             raise ConfigError("tss.fingerprint='names' scores where the concept's names help the teacher, and "
                               "--conditioning null names nothing: drop --conditioning null, or use --fingerprint knn")
+        if config.name_embeddings and conditioning == "null":
+            raise ConfigError("tss.name_embeddings learns the embeddings of the concept's names, and --conditioning "
+                              "null names nothing: drop --conditioning null, or drop --name-embeddings")
+        if config.name_embeddings and fsdp:
+            raise ConfigError("tss.name_embeddings trains the text encoders' rows beside the denoiser, and --fsdp "
+                              "shards the denoiser only: drop --fsdp, or drop --name-embeddings")
 
     def _naming_prompts(self) -> torch.Tensor:
         """Pool indices ``[K]`` of the prompts that name the concept (their neutral form is another prompt)."""
@@ -294,7 +304,44 @@ class TeacherStudentScrubber(Method):
             self._fill_prior = self._contrast_cache().mean.float().mean(dim=(2, 3))
         if self.config.blind_fill == "contrast":
             self._contrast_cache()  # drawn now, before training, if no fingerprint needed it
+        if self.config.name_embeddings:
+            adapter = self.ctx.adapter
+            pairs = adapter.loaded_text_encoder_pairs()
+            self.name_rows = NameEmbeddings.for_names(adapter.pipe, pairs, self.ctx.names,
+                                                      self.config.anchor_words).to(self.ctx.device)
+            figures["name_embeddings"] = {"tokens": self.name_rows.tokens(adapter.pipe, pairs)}
         return figures
+
+    def parameter_groups(self):
+        if self.name_rows is None:
+            return []
+        return [{"params": list(self.name_rows.parameters()), "weight_decay": 0.0,
+                 "lr": self.config.name_embedding_lr or self.ctx.lr}]
+
+    def finish(self, pipe):
+        if self.name_rows is None:
+            return {}
+        change = self.name_rows.change(pipe)  # against the tables before they are written
+        self.name_rows.write_into(pipe)
+        tokens = self.name_rows.tokens(pipe, self.ctx.adapter.loaded_text_encoder_pairs())
+        return {"name_embeddings": {"tokens": tokens, "largest_relative_change": change}}
+
+    def _student_pool(self):
+        """The student's conditioning pool: the teacher's, except that with name_embeddings the prompts naming
+        the concept are encoded again through the learned rows (with gradients to them). The inversion's
+        placeholder prompts stay as they are: the pipeline's tokenizer does not hold the placeholder."""
+        ctx = self.ctx
+        if self.name_rows is None:
+            return ctx.cond
+        if self._reencoded is None:
+            named = [i for i in ctx.cond.named_indices() if PLACEHOLDER not in ctx.cond.prompts[i]]
+            self._reencoded = torch.tensor(named, dtype=torch.long)
+        if not len(self._reencoded):
+            return ctx.cond
+        prompts = [ctx.cond.prompts[i] for i in self._reencoded.tolist()]
+        with self.name_rows.active(ctx.adapter.pipe):
+            encoded = ctx.adapter.encode_prompts(prompts, ctx.image_hw, grad=True).to(ctx.device)
+        return ctx.cond.with_rows(self._reencoded, encoded)
 
     def prepare_work(self, n_forget: int) -> int:
         """Forget images the progress bar of :meth:`prepare` counts (fingerprint and mask passes)."""
@@ -315,7 +362,9 @@ class TeacherStudentScrubber(Method):
         z0 = ctx.forget.sample(index, ctx.generator).to(ctx.device)  # [B, C, H, W]
         b = z0.shape[0]
         prompt = ctx.prompt_index(b)  # [B] pool indices
-        cond = ctx.cond.take(prompt)
+        cond = ctx.cond.take(prompt)  # the teacher's; the student's comes from its own pool
+        pool = self._student_pool()
+        s_cond = pool.take(prompt) if pool is not ctx.cond else cond
         t = ctx.timesteps(b)
         eps = ctx.randn_like(z0)
         z_t = ctx.schedule.add_noise(z0, eps, t)
@@ -326,6 +375,7 @@ class TeacherStudentScrubber(Method):
             z0r = ctx.retain.sample(r_index, ctx.generator).to(ctx.device)
             prompt_r = ctx.prompt_index(len(r_index))
             cond_r = ctx.cond.take(prompt_r)
+            s_cond_r = pool.take(prompt_r) if pool is not ctx.cond else cond_r
             t_r = ctx.timesteps(len(r_index))
             z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
 
@@ -380,7 +430,7 @@ class TeacherStudentScrubber(Method):
         t_blind = chunks.pop(0)
 
         # Student: forget, retain and anchor inputs in one call too.
-        groups = [(z_t, t, cond)] + ([(z_tr, t_r, cond_r)] if use_retain else []) \
+        groups = [(z_t, t, s_cond)] + ([(z_tr, t_r, s_cond_r)] if use_retain else []) \
             + ([(z_tv, t_v, cond_v)] if anchor is not None else [])
         student = ctx.student_predict(torch.cat([g[0] for g in groups]), torch.cat([g[1] for g in groups]),
                                       concat_kwargs([g[2] for g in groups]))
@@ -418,6 +468,8 @@ class TeacherStudentScrubber(Method):
             out["forget_masks"] = self.masks.contiguous()
         if self._fill_prior is not None:
             out["fill_prior"] = self._fill_prior.contiguous()
+        if self.name_rows is not None:
+            out.update(self.name_rows.state())
         return out
 
     def state_dict(self):
@@ -434,5 +486,8 @@ class TeacherStudentScrubber(Method):
         self.all_prototypes = state.get("all_prototypes", self.prototypes)
         self.masks = state.get("forget_masks")
         self._fill_prior = state.get("fill_prior")
+        self.name_rows = NameEmbeddings.from_state(state)
+        if self.name_rows is not None:
+            self.name_rows.to(self.ctx.device)
         if "contrast_mean" in state:
             self._contrast = LatentCache(state["contrast_mean"], state["contrast_std"])
