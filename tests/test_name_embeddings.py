@@ -227,3 +227,17 @@ def test_inversion_learns_its_placeholder_through_t5(tmp_path):
 
     start, learned = placeholder_encoding(0), placeholder_encoding(3)
     assert (learned - start).abs().max() > 1e-3
+
+
+def test_without_names_given_the_inversion_first_word_is_learned(tmp_path):
+    """No --names: the rows learned are those of the inversion's first word (the run's name for the concept)."""
+    from diffscrub.core.trainer import erase
+    from tiny_pipelines import build_tiny_pipeline
+
+    _images(tmp_path / "f")
+    config = EraseConfig(model="sd", forget=str(tmp_path / "f"), out=str(tmp_path / "o"), steps=1, batch_size=2,
+                         quiet=True, device="cpu", inversion_steps=2)
+    record = erase(config, {**TINY_TSS, "name_embeddings": True}, pipe=build_tiny_pipeline("sd"),
+                   log=lambda m: None).record
+    first = record["conditioning"]["nearest_words"][0]
+    assert record["name_embeddings"]["tokens"] == {"text_encoder": [first]}

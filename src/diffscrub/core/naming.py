@@ -68,10 +68,11 @@ def name_concept(run: Run, log) -> dict | None:
         return None
     ctx.cond = ctx.cond.extend(result.conditioning)
     ctx.cond.neutral = result.neutral
-    ctx.names = list(result.nearest[:config.name_words])
     log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
-    return {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
-            "inversion_loss_last": result.losses[-1]}
+    record = {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
+              "inversion_loss_last": result.losses[-1]}
+    ctx.names = concept_names(record, config.name_words)
+    return record
 
 
 NAME_SAMPLE_STEPS = 20  # sampler steps for --name-samples (the pipeline's own sampler and guidance)
