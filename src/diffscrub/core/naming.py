@@ -27,6 +27,14 @@ def concept_names(conditioning: dict, name_words: int) -> list[str]:
     return list(conditioning.get("given_names") or list(conditioning.get("nearest_words") or [])[:name_words])
 
 
+def word_named_indices(cond: Conditioning) -> list[int]:
+    """Pool indices of the prompts that name the concept in words: the inversion's placeholder prompts left
+    out, since the pipeline's tokenizer does not hold the placeholder (nothing can draw or re-encode them)."""
+    from ..concept.inversion import PLACEHOLDER
+
+    return [i for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
+
+
 def name_concept(run: Run, log) -> dict | None:
     """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool
     (with ``--names``, the given names instead of the inversion's)."""
@@ -86,14 +94,11 @@ def add_name_samples(run: Run, log) -> dict | None:
     draws it as the model draws it (alone, centred, in the prompt's setting). The masks, the fingerprint and the
     distillation then also see the concept where the prompts put it. Only word prompts are drawn: the inversion's
     placeholder is not in the pipeline's tokenizer. Returns the record's figures, or ``None``."""
-    from ..concept.inversion import PLACEHOLDER
-
     config, ctx = run.config, run.ctx
     wanted = config.name_samples
     if not wanted:
         return None
-    cond = ctx.cond
-    named = [cond.prompts[i] for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
+    named = [ctx.cond.prompts[i] for i in word_named_indices(ctx.cond)]
     if not named:
         raise ConfigError("--name-samples draws prompts that name the concept, and this run has none (the model "
                           "has no text encoder, or the method keeps no names): drop --name-samples, or pass --names")

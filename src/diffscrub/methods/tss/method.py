@@ -41,8 +41,8 @@ import torch
 
 from ...adapters.base import concat_kwargs
 from ...core.context import LatentCache
+from ...core.naming import word_named_indices
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
-from ...concept.inversion import PLACEHOLDER
 from ...concept.knn import knn_scores, scores_to_mask
 from ...concept.name_embeddings import NameEmbeddings
 from ...concept.mask import to_latent
@@ -334,8 +334,7 @@ class TeacherStudentScrubber(Method):
         if self.name_rows is None:
             return ctx.cond
         if self._reencoded is None:
-            named = [i for i in ctx.cond.named_indices() if PLACEHOLDER not in ctx.cond.prompts[i]]
-            self._reencoded = torch.tensor(named, dtype=torch.long)
+            self._reencoded = torch.tensor(word_named_indices(ctx.cond), dtype=torch.long)
         if not len(self._reencoded):
             return ctx.cond
         prompts = [ctx.cond.prompts[i] for i in self._reencoded.tolist()]
@@ -363,8 +362,8 @@ class TeacherStudentScrubber(Method):
         b = z0.shape[0]
         prompt = ctx.prompt_index(b)  # [B] pool indices
         cond = ctx.cond.take(prompt)  # the teacher's; the student's comes from its own pool
-        pool = self._student_pool()
-        s_cond = pool.take(prompt) if pool is not ctx.cond else cond
+        pool = self._student_pool()  # once a step: with name_embeddings it encodes the named prompts
+        s_cond = pool.take(prompt)  # the same as cond unless the named prompts were re-encoded
         t = ctx.timesteps(b)
         eps = ctx.randn_like(z0)
         z_t = ctx.schedule.add_noise(z0, eps, t)
@@ -375,7 +374,7 @@ class TeacherStudentScrubber(Method):
             z0r = ctx.retain.sample(r_index, ctx.generator).to(ctx.device)
             prompt_r = ctx.prompt_index(len(r_index))
             cond_r = ctx.cond.take(prompt_r)
-            s_cond_r = pool.take(prompt_r) if pool is not ctx.cond else cond_r
+            s_cond_r = pool.take(prompt_r)
             t_r = ctx.timesteps(len(r_index))
             z_tr = ctx.schedule.add_noise(z0r, ctx.randn_like(z0r), t_r)
 
