@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -241,3 +243,13 @@ def test_without_names_given_the_inversion_first_word_is_learned(tmp_path):
                    log=lambda m: None).record
     first = record["conditioning"]["nearest_words"][0]
     assert record["name_embeddings"]["tokens"] == {"text_encoder": [first]}
+
+    # The found name is also a word to keep: the name wins, for the vocabulary anchors and for the rows alike
+    # (the rows once spared it, and the run stopped with nothing to learn).
+    said = []
+    config = dataclasses.replace(config, out=str(tmp_path / "o2"))
+    again = erase(config, {**TINY_TSS, "name_embeddings": True, "anchor_words": [first, "grass"]},
+                  pipe=build_tiny_pipeline("sd"), log=said.append).record
+    assert again["conditioning"]["nearest_words"][0] == first
+    assert again["name_embeddings"]["tokens"] == {"text_encoder": [first]}
+    assert any(f"--anchor-words: {first} is also a name" in line for line in said)

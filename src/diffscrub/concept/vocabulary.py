@@ -41,6 +41,14 @@ def _with_bases(pairs) -> list[tuple[str, str]]:
     return list(prompts.items())
 
 
+def words_to_keep(anchor_words: list[str], names: list[str]) -> list[str]:
+    """The user's ``anchor_words`` less the concept's ``names`` (case-insensitively). A name found in the forget
+    images wins over a word to keep: anchoring it, or sparing its token, would keep the concept under its own
+    name. Every part of a run that reads the words to keep takes them from here."""
+    named = {name.lower() for name in names}
+    return [w for w in anchor_words if w.lower() not in named]
+
+
 def kept_prompts(words: list[str], contexts: list[str]) -> list[tuple[str, str]]:
     """Every template of ``contexts`` filled with every word of ``words`` (the user's ``anchor_words``), each
     with its base, as :func:`anchor_prompts` gives them."""

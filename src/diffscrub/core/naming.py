@@ -123,7 +123,8 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     config's ``vocab_candidates`` is larger, of that many such prompts those whose word moves the teacher most,
     each template in turn.
     Returns the record's figures, or ``None`` when none were added."""
-    from ..concept.vocabulary import anchor_prompts, kept_prompts, strongest_per_base, vocabulary_words, word_effects
+    from ..concept.vocabulary import (anchor_prompts, kept_prompts, strongest_per_base, vocabulary_words, word_effects,
+                                      words_to_keep)
 
     config, ctx, method_config = run.config, run.ctx, run.method_config
     wanted = int(getattr(method_config, "vocab_anchors", 0) or 0)
@@ -139,11 +140,11 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     else:
         names = (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
-    named = {name.lower() for name in names}
-    dropped = [w for w in keep_words if w.lower() in named]
-    if dropped:  # a found name wins: anchoring it would keep the concept under its own name
+    kept_words = words_to_keep(keep_words, names)
+    if len(kept_words) < len(keep_words):
+        dropped = [w for w in keep_words if w not in kept_words]
         log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
-    keep_words = [w for w in keep_words if w.lower() not in named]
+    keep_words = kept_words
     kept = kept_prompts(keep_words, list(config.name_contexts))
     words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
     candidates = anchor_prompts(words, names + keep_words, list(config.name_contexts),

@@ -45,6 +45,7 @@ from ...core.naming import word_named_indices
 from ...concept import blind, concept_mask, fit_prototypes, select_prototypes, subsample, surround_fill
 from ...concept.knn import knn_scores, scores_to_mask
 from ...concept.name_embeddings import NameEmbeddings
+from ...concept.vocabulary import words_to_keep
 from ...concept.mask import to_latent
 from ...concept.naming import location_error, reference_mask, smooth
 from ...errors import ConfigError
@@ -307,9 +308,9 @@ class TeacherStudentScrubber(Method):
         if self.config.name_embeddings:
             adapter = self.ctx.adapter
             pairs = adapter.loaded_text_encoder_pairs()
-            self.name_rows = NameEmbeddings.for_names(adapter.pipe, pairs, self.ctx.names,
-                                                      self.config.anchor_words).to(self.ctx.device)
-            figures["name_embeddings"] = {"tokens": self.name_rows.tokens(adapter.pipe, pairs)}
+            # The tokens, with how far they moved, go into the record when the run finishes.
+            keep = words_to_keep(self.config.anchor_words, self.ctx.names)
+            self.name_rows = NameEmbeddings.for_names(adapter.pipe, pairs, self.ctx.names, keep).to(self.ctx.device)
         return figures
 
     def parameter_groups(self):
