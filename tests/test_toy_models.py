@@ -45,6 +45,25 @@ def test_shipped_model_loads_by_name_and_samples(name):
     assert np.isfinite(out.images).all()
 
 
+@pytest.mark.parametrize("base,concept", [("toy-unet", "7"), ("toy-unet", "brick"), ("toy-mmdit", "brick")])
+def test_shipped_retrains_are_found_by_bench_and_match_their_base(base, concept):
+    """Each gold-standard retrain is the base model's pipeline and configs, trained without the concept, and
+    ``bench`` finds it by itself."""
+    from diffscrub.bench.compare import _retrained_folder
+
+    folder = WEIGHTS_DIR / f"{base}-without-{concept}"
+    assert _retrained_folder(base, concept, None) == folder
+    meta = json.loads((folder / "diffscrub_toy.json").read_text())
+    assert meta["model"] == base and meta["exclude"] == concept
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index == json.loads((WEIGHTS_DIR / base / "model_index.json").read_text())
+    for config in (WEIGHTS_DIR / base).glob("*/config.json"):
+        ours = json.loads((folder / config.parent.name / "config.json").read_text())
+        theirs = json.loads(config.read_text())
+        ours.pop("_name_or_path", None), theirs.pop("_name_or_path", None)
+        assert ours == theirs, config.parent.name
+
+
 def test_weights_stay_small():
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*") if p.is_file())
     assert total < 30 * 2**20
