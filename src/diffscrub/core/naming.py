@@ -141,8 +141,8 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
         names = (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
     kept_words = words_to_keep(keep_words, names)
-    if len(kept_words) < len(keep_words):
-        dropped = [w for w in keep_words if w not in kept_words]
+    dropped = [w for w in keep_words if w not in kept_words]
+    if dropped:
         log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
     keep_words = kept_words
     kept = kept_prompts(keep_words, list(config.name_contexts))
