@@ -117,3 +117,22 @@ def test_bench_later_passes_reach_every_erase(monkeypatch, tmp_path):
                           then=["--trainable text-kv --lr 2e-4"], set_size=4, log=lambda m: None)
     (cmd,) = commands
     assert cmd[-2:] == ["--lr=0.0001", "--then=--trainable text-kv --lr 2e-4"]
+
+
+def test_bench_refuses_a_wrong_retrained_folder_before_any_erase(monkeypatch, tmp_path, capsys):
+    """A --retrained folder that is no pipeline is a one-line error before anything is erased or written."""
+    import subprocess
+
+    from diffscrub import cli
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("an erase was started")
+
+    monkeypatch.setattr(subprocess, "run", no_run)
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--concept", "7", "--retrained", str(tmp_path / "missing"), "--out", str(out),
+                     "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0
+    assert len(err) == 1 and "missing" in err[0] and "model_index.json" in err[0]
+    assert not out.exists()

@@ -94,6 +94,8 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
     methods = methods or ["tss"]
     for m in methods:
         METHODS.get(m)
+    # before anything is erased or written: a wrong --retrained is a one-line error, not one after the runs
+    retrained_folder = _retrained_folder(model, concept, retrained)
     out_path = check_output_dir(out, overwrite=overwrite)
     if out_path.exists() and overwrite:
         import shutil
@@ -135,7 +137,6 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         rows.append(_row(label, metrics, wall_s=wall, peak_mb=peak))
     first = evals[methods[0]]
     rows.insert(0, _row("original", first, reference=True))
-    retrained_folder = _retrained_folder(model, concept, retrained)
     if retrained_folder is not None:
         log("evaluating the retrained model ...")
         rows.append(_row("retrained", evaluate_model("retrained", retrained_folder)))
