@@ -201,6 +201,31 @@ def test_features_are_image_tokens(name):
         assert torch.equal(feats.vectors, image)
 
 
+@pytest.mark.parametrize("name", ["sd3", "flux", "pixart"])
+def test_conditioning_is_what_the_pipeline_samples_with(name):
+    """The T5 sequence is padded to the pipeline's default length, not the tokenizer's: a user sampling with
+    ``pipe(prompt)`` gets that sequence, and its ``<pad>`` keys weigh in the joint attention, so a student
+    trained on a shorter one learns a conditioning it is never sampled with. (The tiny tokenizers say 16.)"""
+    pipe = build_tiny_pipeline(name)
+    adapter = adapter_for(pipe)
+    prompts = ["a 7", ""]
+    cond = adapter.encode_prompts(prompts, (32, 32)).kwargs
+    with torch.no_grad():
+        if name == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                      do_classifier_free_guidance=False)
+        elif name == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None)
+        else:
+            embeds, _, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, clean_caption=False)
+            pooled = None
+    default = {"sd3": 16 + 256, "flux": 512, "pixart": 120}[name]  # CLIP's 16 then T5's 256 on SD3
+    assert embeds.shape[1] == default
+    torch.testing.assert_close(cond["encoder_hidden_states"], embeds.float())
+    if pooled is not None:
+        torch.testing.assert_close(cond["pooled_projections"], pooled.float())
+
+
 def test_unknown_family_error():
     from diffscrub.errors import ConfigError, UnknownFamilyError
 

@@ -421,24 +421,23 @@ def _text_segments(adapter) -> list[tuple[list, int]]:
     def tok(name):
         return getattr(pipe, name, None)
 
-    def max_len(t, cap=None, fallback=77):
-        n = int(getattr(t, "model_max_length", fallback)) if t is not None else fallback
-        return min(cap, n) if cap else n
+    def clip_len(t):
+        # CLIP prompts are padded to the tokenizer's length; T5 ones to the pipeline's (adapter.text_length)
+        return int(getattr(t, "model_max_length", 77)) if t is not None else 77
 
     if family in ("sd", "sdxl"):
         toks = [t for t in (tok("tokenizer"), tok("tokenizer_2")) if t is not None]
-        return [(toks, max_len(toks[0]))]
+        return [(toks, clip_len(toks[0]))]
     if family == "pixart":
-        return [([tok("tokenizer")], max_len(tok("tokenizer"), 120, 120))]
+        return [([tok("tokenizer")], adapter.text_length())]
     if family == "sd3":
         clip = [t for t in (tok("tokenizer"), tok("tokenizer_2")) if t is not None]
         t5 = tok("tokenizer_3")
-        t5_len = max_len(t5 if t5 is not None else tok("tokenizer"), 256, 256)
         # Without text_encoder_3 the pipeline appends zeros, which carry no token of the prompt.
         t5_toks = [t5] if t5 is not None and getattr(pipe, "text_encoder_3", None) is not None else []
-        return [(clip, max_len(clip[0] if clip else None)), (t5_toks, t5_len)]
+        return [(clip, clip_len(clip[0] if clip else None)), (t5_toks, adapter.text_length())]
     if family == "flux":
-        return [([tok("tokenizer_2")], max_len(tok("tokenizer_2"), 512, 512))]
+        return [([tok("tokenizer_2")], adapter.text_length())]
     raise ConfigError(f"the {family} family has no text tokens to steer attention away from")
 
 

@@ -242,6 +242,21 @@ class DenoiserAdapter:
     def _encode(self, prompts: list[str], image_hw: tuple[int, int]) -> Conditioning:
         raise NotImplementedError
 
+    def text_length(self) -> int:
+        """The T5-style encoder's sequence length: the pipeline's own default ``max_sequence_length``.
+
+        Erasure must condition the denoiser on the sequence a user samples with. The pipelines pad
+        the T5 prompt to this length whatever the tokenizer's ``model_max_length`` says, and the
+        padding is not neutral: every ``<pad>`` is a key of the joint attention (256 of them on SD3),
+        so a student trained on a shorter sequence learns a conditioning it is never sampled with.
+        """
+        import inspect
+
+        param = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
+        if param is None or not isinstance(param.default, int):
+            raise TypeError(f"{type(self.pipe).__name__}.__call__ has no integer max_sequence_length default")
+        return param.default
+
     # ----------------------------------------------------------------- sampling with the pipeline
     def pipeline_inputs(self, prompts: list[str], image_hw: tuple[int, int]) -> dict[str, Any]:
         """Keyword arguments for ``pipe(...)`` that ask for ``prompts`` at ``image_hw``."""

@@ -82,18 +82,13 @@ class PixArtAdapter(_PatchTransformerAdapter):
 
     def pipeline_inputs(self, prompts, image_hw):
         # Resolution binning snaps to the 256-1024 px tables; erasure trains at the images' own size.
-        return {**super().pipeline_inputs(prompts, image_hw), "use_resolution_binning": False,
-                "max_sequence_length": self._max_len()}
-
-    def _max_len(self) -> int:
-        return min(120, int(getattr(self.pipe.tokenizer, "model_max_length", 120)))
+        return {**super().pipeline_inputs(prompts, image_hw), "use_resolution_binning": False}
 
     def _encode(self, prompts, image_hw):
         device = self.denoiser.device
-        max_len = min(120, int(getattr(self.pipe.tokenizer, "model_max_length", 120)))
         embeds, mask, _, _ = self.pipe.encode_prompt(
             list(prompts), do_classifier_free_guidance=False, device=device, clean_caption=False,
-            max_sequence_length=max_len,
+            max_sequence_length=self.text_length(),
         )
         n = len(prompts)
         added = {"resolution": None, "aspect_ratio": None}

@@ -34,20 +34,11 @@ class SD3Adapter(DenoiserAdapter):
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
-    def _max_len(self) -> int:
-        tok = self.pipe.tokenizer_3 if getattr(self.pipe, "tokenizer_3", None) is not None else self.pipe.tokenizer
-        return min(256, int(getattr(tok, "model_max_length", 256)))
-
-    def pipeline_inputs(self, prompts, image_hw):
-        return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
-
     def _encode(self, prompts, image_hw):
         prompts = list(prompts)
-        tok = self.pipe.tokenizer_3 if getattr(self.pipe, "tokenizer_3", None) is not None else self.pipe.tokenizer
-        max_len = min(256, int(getattr(tok, "model_max_length", 256)))
         embeds, _, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, prompt_3=prompts, device=self.denoiser.device,
-            num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=max_len,
+            num_images_per_prompt=1, do_classifier_free_guidance=False, max_sequence_length=self.text_length(),
         )
         return Conditioning(prompts, {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()})
 
@@ -84,18 +75,11 @@ class FluxAdapter(DenoiserAdapter):
     #: guidance value fed to the guidance embedding (the pipeline's default).
     guidance_scale: float = 3.5
 
-    def _max_len(self) -> int:
-        return min(512, int(getattr(self.pipe.tokenizer_2, "model_max_length", 512)))
-
-    def pipeline_inputs(self, prompts, image_hw):
-        return {**super().pipeline_inputs(prompts, image_hw), "max_sequence_length": self._max_len()}
-
     def _encode(self, prompts, image_hw):
         prompts = list(prompts)
-        max_len = min(512, int(getattr(self.pipe.tokenizer_2, "model_max_length", 512)))
         embeds, pooled, _ = self.pipe.encode_prompt(
             prompt=prompts, prompt_2=prompts, device=self.denoiser.device, num_images_per_prompt=1,
-            max_sequence_length=max_len,
+            max_sequence_length=self.text_length(),
         )
         return Conditioning(prompts, {"encoder_hidden_states": embeds.float(), "pooled_projections": pooled.float()})
 
