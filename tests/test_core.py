@@ -697,6 +697,42 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
         name_concept(run, log=lambda m: None)
 
 
+def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, monkeypatch):
+    """--inversion-rerank: the candidates are the nearest words in each text encoder's vocabulary (SD3: two CLIPs
+    and a T5), scored by rank_by_fit; the names are the best-scored ones, and the record keeps the scores in order."""
+    import diffscrub.concept.inversion as inversion
+    from diffscrub.core.naming import name_concept
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    seen = {}
+    real_nearest = inversion.nearest_words
+
+    def nearest(matrix, vector, tokenizer, k, exclude):
+        seen.setdefault(type(tokenizer).__name__, k)
+        return real_nearest(matrix, vector, tokenizer, k, exclude)
+
+    def fit(ctx, words, **kw):  # a fixed order that is not the candidates': last candidate best
+        seen["candidates"] = list(words)
+        return [(w, -0.01 * (i + 1)) for i, w in enumerate(words)][::-1]
+
+    monkeypatch.setattr(inversion, "nearest_words", nearest)
+    monkeypatch.setattr(inversion, "rank_by_fit", fit)
+    cfg = EraseConfig(model="sd3", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", inversion_steps=2, inversion_rerank=3,
+                      inversion_words=2)
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("sd3"),
+                    log=lambda m: None)
+    logged = []
+    record = name_concept(run, log=logged.append)
+    candidates = seen["candidates"]
+    assert len(candidates) == len(set(candidates)) > 3  # three words from each of three vocabularies, once each
+    assert set(seen) >= {"CLIPTokenizer", "T5Tokenizer", "candidates"} and seen["CLIPTokenizer"] == 3
+    assert record["nearest_words"] == candidates[::-1][:2] and run.ctx.names == candidates[-1:]
+    assert [w for w, _ in record["word_fit"]] == candidates[::-1]
+    assert f"{candidates[-1]} (" in logged[-1]
+
+
 def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
     """--name-samples: the model draws the prompts that name the concept (round robin, in chunks of the batch,
     no placeholder); their latents join the forget set and its epochs, and a checkpoint brings them back."""

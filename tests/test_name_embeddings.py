@@ -253,3 +253,38 @@ def test_without_names_given_the_inversion_first_word_is_learned(tmp_path):
     assert again["conditioning"]["nearest_words"][0] == first
     assert again["name_embeddings"]["tokens"] == {"text_encoder": [first]}
     assert any(f"--anchor-words: {first} is also a name" in line for line in said)
+
+
+def test_rank_by_fit_names_the_background_that_toy_mmdit_draws(tmp_path):
+    """Re-ranking by fit: of a few candidate words, the one that lets the frozen toy-mmdit denoise brick canvases
+    best is "brick" (its T5 sequence carries the background; the first CLIP's nearest words to the learned
+    placeholder are letters), with and without retain images; and the ranking depends only on the run's seed."""
+    from diffscrub.adapters import adapter_for
+    from diffscrub.adapters.base import Conditioning
+    from diffscrub.concept.inversion import rank_by_fit
+    from diffscrub.core.context import ErasureContext, LatentCache
+    from diffscrub.data.images import load_image_folder
+    from diffscrub.toy.models import load_toy_pipeline
+    from diffscrub.toy.sets import make_sets
+
+    adapter = adapter_for(load_toy_pipeline("toy-mmdit"))
+    make_sets("brick", tmp_path, n=16, n_retain=16, seed=0)
+    cache = {name: LatentCache.encode(adapter, load_image_folder(tmp_path / name, name=name).pixels, 8)
+             for name in ("forget", "retain")}
+
+    def ctx(retain, seed=0):
+        return ErasureContext(adapter=adapter, schedule=adapter.schedule(), student=None, teacher=adapter.denoiser,
+                              forget=cache["forget"], retain=retain, cond=Conditioning([""]),
+                              generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+                              image_hw=(32, 32))
+
+    words = ["7", "grass", "and", "brick", "flat"]
+    with_retain = rank_by_fit(ctx(cache["retain"]), words, images=16)
+    alone = rank_by_fit(ctx(None), words, images=16)
+    for ranked in (with_retain, alone):
+        assert sorted(w for w, _ in ranked) == sorted(words)
+        assert ranked[0][0] == "brick" and ranked[0][1] < -0.01, ranked
+        assert [s for _, s in ranked] == sorted(s for _, s in ranked)
+    # the retain term only ever lowers a word's score (what the word explains in the retain images is taken off)
+    assert dict(with_retain)["brick"] <= dict(alone)["brick"] + 1e-9
+    assert rank_by_fit(ctx(None), words, images=16) == alone

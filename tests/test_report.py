@@ -158,6 +158,13 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     assert "kept in every template: <b>3</b>, <b>eig&lt;ht</b>" in concept
     assert "learned their input embeddings of <b>7</b> (--name-embeddings; largest change 71%" in concept
     assert "Prototypes kept: 1 of 2" in concept and "at least 2.0 times" in concept and "--fingerprint knn" in concept
+
+    # --inversion-rerank: the words' scores are shown, best first, as recorded
+    record["conditioning"]["word_fit"] = [["7", -0.012], ["and", -0.001], ["gra<vel", 0.04]]
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    page = render_report(run_dir)
+    concept = page[page.index("<h2>The concept</h2>"):page.index("<h2>Detector masks")]
+    assert "its 3 nearest words" in concept and "<b>7</b> (-1.20%), <b>and</b> (-0.10%), <b>gra&lt;vel</b> (+4.00%)" in concept
     rows = re.findall(r"<tr><td>(\d)</td><td>([\d.]+)%</td><td>([\d.]+)%</td><td>(\w+)</td></tr>", concept)
     assert rows == [("0", "30.0", "5.0", "kept"), ("1", "10.0", "12.0", "dropped")]
     masks_part = page[page.index("<h2>Detector masks"):page.index("<h2>Loss curves")]

@@ -198,6 +198,10 @@ class EraseConfig:
     inversion_steps: int = option(100, "textual-inversion steps used to name the concept")
     inversion_lr: float = option(5e-3, "textual-inversion learning rate")
     inversion_words: int = option(3, "nearest vocabulary words added to the conditioning pool")
+    inversion_rerank: int = option(0, "re-rank the words by fit: take this many nearest words from each text "
+                                   "encoder's vocabulary and order them by how much each, alone as the prompt, "
+                                   "lowers the frozen model's denoising loss on the forget images (0: by embedding "
+                                   "similarity in the first encoder alone)")
     name_words: int = option(1, "how many of those words (best first) are taken as the concept's names; with the "
                              "placeholder they are put in every --name-contexts template")
     name_contexts: list[str] = option(["{}"], "templates the names are put in, '{}' marking the name (comma-separated, "
@@ -244,6 +248,7 @@ class EraseConfig:
         check_range("inversion_steps", self.inversion_steps, 1)
         check_range("inversion_lr", self.inversion_lr, 0, low_open=True)
         check_range("inversion_words", self.inversion_words, 0)
+        check_range("inversion_rerank", self.inversion_rerank, 0)
         check_range("name_words", self.name_words, 0)
         for template in self.name_contexts:
             if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.count("}") != 1:

@@ -69,16 +69,22 @@ def name_concept(run: Run, log) -> dict | None:
         result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
                                 batch_size=config.batch_size, num_words=config.inversion_words,
                                 name_words=config.name_words, contexts=tuple(config.name_contexts),
-                                pool=tuple(ctx.cond.prompts), progress=bar)
+                                pool=tuple(ctx.cond.prompts), rerank=config.inversion_rerank, progress=bar)
     finally:
         bar.close()
     if result is None:
         return None
     ctx.cond = ctx.cond.extend(result.conditioning)
     ctx.cond.neutral = result.neutral
-    log(f"your forget folder looks like: {', '.join(result.nearest) or '(no word found)'}")
+    if result.fit:  # what each word does to the denoising loss (forget less retain), against the null prompt
+        shown = [f"{w} ({result.fit[w]:+.2%})" for w in result.nearest]
+    else:
+        shown = list(result.nearest)
+    log(f"your forget folder looks like: {', '.join(shown) or '(no word found)'}")
     record = {"nearest_words": result.nearest, "inversion_loss_first": result.losses[0],
               "inversion_loss_last": result.losses[-1]}
+    if result.fit:  # best first (a list: the record's keys are written sorted)
+        record["word_fit"] = [[word, change] for word, change in result.fit.items()]
     ctx.names = concept_names(record, config.name_words)
     return record
 
