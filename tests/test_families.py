@@ -224,6 +224,9 @@ def test_conditioning_is_what_the_pipeline_samples_with(name):
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds.float())
     if pooled is not None:
         torch.testing.assert_close(cond["pooled_projections"], pooled.float())
+    # a custom pipeline class whose __call__ gives no default: the family's diffusers pipeline's length
+    pipe.__class__ = type("Custom", (type(pipe),), {"__call__": lambda self, prompt=None, **kw: None})
+    assert adapter.text_length() == default - (16 if name == "sd3" else 0)
 
 
 def test_unknown_family_error():

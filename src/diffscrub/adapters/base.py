@@ -223,6 +223,9 @@ class DenoiserAdapter:
         return vae.decode((z0 / scale + shift).to(vae.device, vae.dtype)).sample.float().clamp(-1, 1)
 
     # ----------------------------------------------------------------- conditioning
+    #: T5 sequence length of the family's diffusers pipeline, for a pipeline class whose ``__call__`` has no
+    #: ``max_sequence_length`` default (see :meth:`text_length`); ``None`` for families without a T5.
+    default_text_length: ClassVar[int | None] = None
     #: (tokenizer, text encoder) component names, in the order the pipeline uses them.
     text_encoder_pairs: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
 
@@ -253,9 +256,11 @@ class DenoiserAdapter:
         import inspect
 
         param = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
-        if param is None or not isinstance(param.default, int):
-            raise TypeError(f"{type(self.pipe).__name__}.__call__ has no integer max_sequence_length default")
-        return param.default
+        if param is not None and isinstance(param.default, int):
+            return param.default
+        if self.default_text_length is None:
+            raise TypeError(f"the {self.family} adapter has no text length for {type(self.pipe).__name__}")
+        return self.default_text_length  # a custom pipeline class whose __call__ does not say: the family's
 
     # ----------------------------------------------------------------- sampling with the pipeline
     def pipeline_inputs(self, prompts: list[str], image_hw: tuple[int, int]) -> dict[str, Any]:

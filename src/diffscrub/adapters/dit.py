@@ -79,6 +79,7 @@ class PixArtAdapter(_PatchTransformerAdapter):
     description = "PixArt-α / Σ (T5 cross-attention, learned sigma)"
     pipeline_prefixes = ("PixArt",)
     denoiser_classes = ("PixArtTransformer2DModel",)
+    default_text_length = 120  # PixArt-alpha's; PixArt-Sigma's pipeline says 300
 
     def pipeline_inputs(self, prompts, image_hw):
         # Resolution binning snaps to the 256-1024 px tables; erasure trains at the images' own size.

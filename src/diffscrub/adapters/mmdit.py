@@ -33,6 +33,7 @@ class SD3Adapter(DenoiserAdapter):
     denoiser_classes = ("SD3Transformer2DModel",)
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"), ("tokenizer_3", "text_encoder_3"))
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    default_text_length = 256
 
     def _encode(self, prompts, image_hw):
         prompts = list(prompts)
@@ -72,6 +73,7 @@ class FluxAdapter(DenoiserAdapter):
     denoiser_classes = ("FluxTransformer2DModel",)
     text_encoder_pairs = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    default_text_length = 512
     #: guidance value fed to the guidance embedding (the pipeline's default).
     guidance_scale: float = 3.5
 
