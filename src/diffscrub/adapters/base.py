@@ -11,6 +11,8 @@ output holds the image tokens) belongs to an adapter subclass.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -253,11 +255,9 @@ class DenoiserAdapter:
         padding is not neutral: every ``<pad>`` is a key of the joint attention (256 of them on SD3),
         so a student trained on a shorter sequence learns a conditioning it is never sampled with.
         """
-        import inspect
-
-        param = inspect.signature(type(self.pipe).__call__).parameters.get("max_sequence_length")
-        if param is not None and isinstance(param.default, int):
-            return param.default
+        length = _call_default(type(self.pipe), "max_sequence_length")
+        if isinstance(length, int):
+            return length
         if self.default_text_length is None:
             raise TypeError(f"the {self.family} adapter has no text length for {type(self.pipe).__name__}")
         return self.default_text_length  # a custom pipeline class whose __call__ does not say: the family's
@@ -380,6 +380,14 @@ class DenoiserAdapter:
             yield model
         finally:
             model.train(was)
+
+
+@functools.lru_cache(maxsize=None)
+def _call_default(pipeline_class: type, name: str) -> Any:
+    """The default of ``pipeline_class.__call__``'s parameter ``name`` (``None`` if it has none). Cached per class:
+    the conditioning is encoded at every training step where the names' embeddings are learned."""
+    param = inspect.signature(pipeline_class.__call__).parameters.get(name)
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
 def mid_index(n: int) -> int:

@@ -280,18 +280,17 @@ def concept_section(record: dict) -> str:
     parts = []
     if cond.get("nearest_words"):
         names = int(config.get("name_words", 1) or 0)
-        if cond.get("word_fit"):
-            fit = cond["word_fit"]
-            shown = ", ".join(f"<b>{_e(w)}</b> ({float(v):+.2%})" for w, v in fit[:8])
-            parts.append(f"<p>Your forget folder looks like: {_words(cond['nearest_words'])}. Textual inversion "
-                         f"learned a token for the forget images; its {len(fit)} nearest words in the text encoders' "
-                         "vocabularies were ranked by how much each, alone as the prompt, lowers the frozen model's "
-                         f"denoising loss on the forget images (less what it lowers on the retain images): {shown}. "
-                         f"The first {names} counted as the concept's names.</p>")
+        fit = cond.get("word_fit")
+        if fit:
+            scores = ", ".join(f"<b>{_e(w)}</b> ({float(v):+.2%})" for w, v in fit[:8])
+            how = (f"Textual inversion learned a token for the forget images; its {len(fit)} nearest words in the text "
+                   "encoders' vocabularies were ranked by how much each, alone as the prompt, lowers the frozen "
+                   f"model's denoising loss on the forget images (less what it lowers on the retain images): {scores}.")
         else:
-            parts.append(f"<p>Your forget folder looks like: {_words(cond['nearest_words'])}. These are the words of "
-                         "the tokenizer's vocabulary nearest to the token that textual inversion learned for the "
-                         f"forget images. The first {names} counted as the concept's names.</p>")
+            how = ("These are the words of the tokenizer's vocabulary nearest to the token that textual inversion "
+                   "learned for the forget images.")
+        parts.append(f"<p>Your forget folder looks like: {_words(cond['nearest_words'])}. {how} "
+                     f"The first {names} counted as the concept's names.</p>")
     elif cond.get("given_names") and cond.get("names_from_pass"):
         parts.append(f"<p>Names carried over from pass {int(cond['names_from_pass'])}: {_words(cond['given_names'])} "
                      "(textual inversion against an erased model would find the erasure, not the concept).</p>")
