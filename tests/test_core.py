@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -695,6 +696,14 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
                     log=lambda m: None)
     with pytest.raises(ConfigError, match="--names needs a text encoder; the dit model has none"):
         name_concept(run, log=lambda m: None)
+    cfg = dataclasses.replace(cfg, names=[], inversion_rerank=4)
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("dit"),
+                    log=lambda m: None)
+    with pytest.raises(ConfigError, match="--inversion-rerank needs a text encoder; the dit model has none"):
+        name_concept(run, log=lambda m: None)
+    run.config = dataclasses.replace(cfg, inversion_rerank=0, random_contexts=4)
+    with pytest.raises(ConfigError, match="--random-contexts needs a text encoder; the dit model has none"):
+        name_concept(run, log=lambda m: None)
 
 
 def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, monkeypatch):
@@ -720,7 +729,7 @@ def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, m
     monkeypatch.setattr(inversion, "rank_by_fit", fit)
     cfg = EraseConfig(model="sd3", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
                       batch_size=2, quiet=True, device="cpu", inversion_steps=2, inversion_rerank=3,
-                      inversion_words=2)
+                      inversion_words=2, random_contexts=4)
     run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("sd3"),
                     log=lambda m: None)
     logged = []
@@ -730,7 +739,16 @@ def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, m
     assert set(seen) >= {"CLIPTokenizer", "T5Tokenizer", "candidates"} and seen["CLIPTokenizer"] == 3
     assert record["nearest_words"] == candidates[::-1][:2] and run.ctx.names == candidates[-1:]
     assert [w for w, _ in record["word_fit"]] == candidates[::-1]
-    assert f"{candidates[-1]} (" in logged[-1]
+    assert any(f"{candidates[-1]} (" in line for line in logged)
+    # --random-contexts: drawn once the name is known, never holding it; the name goes in each, and each
+    # filled template's neutral form is the template without the name
+    drawn, name = record["random_contexts"], candidates[-1]
+    assert len(drawn) == 4 and run.ctx.contexts == ["{}", *drawn]
+    assert all(name.lower() not in c.lower().split() for c in drawn) and any(repr(drawn[0]) in line for line in logged)
+    cond = run.ctx.cond
+    for template in drawn:
+        filled = " ".join(template.format(name).split())
+        assert cond.prompts[cond.neutral[cond.prompts.index(filled)]] == " ".join(template.format("").split())
 
 
 def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
@@ -827,6 +845,24 @@ def test_vocabulary_anchor_prompts_leave_out_the_names():
     # a vocabulary smaller than asked: every pair once; names compared case-insensitively
     assert sorted(anchor_prompts(["Seven", "3"], ["seven"], contexts, 99, torch.Generator())) == [
         ("3", ""), ("3 on grass", "on grass")]
+
+
+def test_random_contexts_are_distinct_nameless_and_seeded():
+    """The --random-contexts draw: distinct templates of 1-3 vocabulary words with one '{}', never a name
+    (any case) or the placeholder, the same for the same seed, fewer when the vocabulary cannot give more."""
+    from diffscrub.concept.inversion import PLACEHOLDER
+    from diffscrub.concept.vocabulary import random_contexts
+
+    words = ["brick", "Brick", "a", "on", "3", "and", "grass", PLACEHOLDER]
+    drawn = random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(0))
+    assert len(drawn) == len(set(drawn)) == 12
+    for template in drawn:
+        parts = template.split()
+        assert parts.count("{}") == 1 and 1 <= len(parts) - 1 <= 3
+        assert not {"brick", "Brick", PLACEHOLDER} & set(parts)
+    assert drawn == random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(0))
+    assert drawn != random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(1))
+    assert sorted(random_contexts(["x", "brick"], ["brick"], 5, torch.Generator().manual_seed(0))) == ["x {}", "{} x"]
 
 
 def test_strongest_anchors_are_taken_template_by_template():
@@ -1191,6 +1227,10 @@ def test_cli_passes_chain_into_one_folder(tiny_pipeline_dirs, tmp_path, capsys):
     assert "again.pass1' and will not run again" in err[0] and not (tmp_path / "again").exists()
     assert torch.equal(conv_in(tmp_path / "again.pass1"), before)
     assert main([*first_line, "--out", str(tmp_path / "again"), "--resume", "--then",
+                 f"--steps 1 --inversion-rerank 4 {small}"]) == 2  # refused before anything runs
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("diffscrub:")]
+    assert len(err) == 1 and "--then (pass 2) sets --inversion-rerank" in err[0] and "before --then" in err[0]
+    assert main([*first_line, "--out", str(tmp_path / "again"), "--resume", "--then",
                 f"--steps 1 --trainable cross-attention {small}"]) == 0
     assert "pass 1 of 2: complete in" in capsys.readouterr().err
     again = json.loads((tmp_path / "again" / "diffscrub.json").read_text())
@@ -1301,6 +1341,16 @@ def test_cli_errors_are_one_line(tiny_pipeline_dirs, tmp_path, capsys):
                         "--name-samples", "4"]) == 2
     err = _err(capsys)
     assert "drop --name-samples" in err and "\n" not in err and not (tmp_path / "o6").exists()
+
+    # --inversion-rerank or --random-contexts where no names go in the pool: refused in one line, not unused
+    for flag, extra, fix in (("--inversion-rerank", ["--names", "x"], "drop one of them"),
+                             ("--inversion-rerank", ["--conditioning", "null"], "or use --conditioning auto"),
+                             ("--inversion-rerank", ["--method", "sfd", "--concept-prompt", "x"], "drop --inversion-rerank"),
+                             ("--random-contexts", ["--conditioning", "prompts", "--prompts", "a"], "drop --random-contexts, or use"),
+                             ("--random-contexts", ["--method", "sfd", "--concept-prompt", "x"], "method 'sfd'")):
+        assert main(base + ["--out", str(tmp_path / "o7"), flag, "4", *extra]) == 2
+        err = _err(capsys)
+        assert flag in err and fix in err and "\n" not in err and not (tmp_path / "o7").exists()
 
 
 def test_overwrite_replaces_only_when_complete(tiny_pipeline_dirs, tmp_path, monkeypatch):

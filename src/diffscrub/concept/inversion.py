@@ -35,6 +35,8 @@ class InversionResult:
     #: with re-ranking: every candidate word's score by :func:`rank_by_fit` (negative: the word explains part of
     #: the forget images), best first
     fit: dict[str, float] = field(default_factory=dict)
+    #: the name templates the prompts were built from (``contexts``, then those ``more_contexts`` gave)
+    contexts: list[str] = field(default_factory=list)
 
 
 def _word_of(token: str) -> str | None:
@@ -148,13 +150,16 @@ def name_prompts(words: list[str], name_words: int, contexts: list[str],
 
 def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int = 8, num_words: int = 3,
                    name_words: int = 1, contexts: tuple[str, ...] = ("{}",), pool: tuple[str, ...] = ("",),
-                   rerank: int = 0, progress=None) -> InversionResult | None:
+                   rerank: int = 0, more_contexts=None, progress=None) -> InversionResult | None:
     """Learn a placeholder token for the forget latents; return the words and pool prompts.
 
     ``rerank > 0``: the ``rerank`` nearest words in each text encoder's vocabulary are candidates, ordered by
     :func:`rank_by_fit`. The first encoder alone can miss the concept: on toy-mmdit (two CLIPs and a T5) the
     background is carried by the T5's sequence, and the first CLIP's nearest words to brick's placeholder were
     "b, m, l".
+
+    ``more_contexts(names) -> templates``: name templates to add once the names are known (``--random-contexts``
+    draws them without the names).
 
     Returns ``None`` for families without a text encoder (DiT). ``ctx`` is the run's
     :class:`~diffscrub.core.context.ErasureContext`; the teacher is used, nothing trains but the
@@ -227,11 +232,12 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
             words = list(fit)[:num_words]
         else:
             words = nearest_in(*pairs[0], num_words)
-        prompts, neutral = name_prompts(words, name_words, list(contexts), list(pool))
+        contexts = list(contexts) + (list(more_contexts(words[:name_words])) if more_contexts else [])
+        prompts, neutral = name_prompts(words, name_words, contexts, list(pool))
         with torch.no_grad():
             cond = adapter.encode_prompts(prompts, ctx.image_hw).to(ctx.device)
         return InversionResult(nearest=words, prompts=prompts, losses=losses, conditioning=cond, neutral=neutral,
-                               fit=fit)
+                               fit=fit, contexts=contexts)
     finally:
         # 4. Restore the user's tokenizers and embedding tables exactly.
         for h in hooks:

@@ -70,6 +70,30 @@ def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: i
     return _with_bases(pairs[i] for i in order)
 
 
+def random_contexts(words: list[str], names: list[str], n: int, generator: torch.Generator,
+                    max_words: int = 3) -> list[str]:
+    """``n`` distinct name templates (fewer when the vocabulary is too small to give them), each 1 to
+    ``max_words`` distinct words of ``words`` with ``"{}"`` at a random place among them: ``"q {} 4 on"``.
+
+    Why: a student trained on the bare name ("brick") generalises only partly to the name among other words;
+    on toy-mmdit, prompts like "5 and 9 on brick" still drew brick in up to 5 of 32 samples where "3 on
+    brick" drew it in none. The template words are the vocabulary's, with no notion of grammar, so nothing
+    about the user's prompts is assumed. ``names`` (case-insensitively) and the placeholder are never among
+    the words: a neutral form that still held a name would teach the student nothing, or worse.
+    """
+    left_out = {name.lower() for name in names} | {PLACEHOLDER.lower()}
+    pool = [w for w in words if w.lower() not in left_out]
+    templates: dict[str, None] = {}
+    for _ in range(10 * n):  # distinct templates; a tiny vocabulary runs out of them
+        if len(templates) == n or not pool:
+            break
+        k = int(torch.randint(1, min(max_words, len(pool)) + 1, (1,), generator=generator))
+        chosen = [pool[i] for i in torch.randperm(len(pool), generator=generator)[:k].tolist()]
+        chosen.insert(int(torch.randint(0, k + 1, (1,), generator=generator)), "{}")
+        templates.setdefault(" ".join(chosen))
+    return list(templates)
+
+
 @torch.no_grad()
 def word_effects(ctx, filled, bases_of: list[str], latents, batch_size: int, draws: int = 4) -> torch.Tensor:
     """How much each anchor prompt's word changes the frozen teacher: ``[P]``, the mean over ``draws`` noisy

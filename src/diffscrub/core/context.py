@@ -143,6 +143,9 @@ class ErasureContext:
     #: the concept's names as this run uses them (``--names``, else the inversion's first ``--name-words``);
     #: set when Phase 1 names the concept, empty when it does not.
     names: list[str] = field(default_factory=list)
+    #: the name templates as this run uses them (``--name-contexts``, then the ``--random-contexts`` drawn); set
+    #: when Phase 1 names the concept, empty when it does not.
+    contexts: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)

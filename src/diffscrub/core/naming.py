@@ -35,6 +35,23 @@ def word_named_indices(cond: Conditioning) -> list[int]:
     return [i for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
 
 
+def _context_drawer(run: Run):
+    """``names -> templates``: the run's ``--random-contexts`` templates, drawn from the first tokenizer's
+    vocabulary without ``names`` (a generator seeded from the run's, consumed only when the option is on)."""
+    from ..concept.vocabulary import random_contexts, vocabulary_words
+
+    wanted = run.config.random_contexts
+    if not wanted:
+        return None
+    tokenizer = getattr(run.adapter.pipe, run.adapter.loaded_text_encoder_pairs()[0][0])
+
+    def draw(names: list[str]) -> list[str]:
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=run.ctx.generator))
+        return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed))
+
+    return draw
+
+
 def name_concept(run: Run, log) -> dict | None:
     """Textual inversion (``conditioning`` auto/inversion): name the concept and grow the conditioning pool
     (with ``--names``, the given names instead of the inversion's)."""
@@ -52,24 +69,32 @@ def name_concept(run: Run, log) -> dict | None:
                               "none: use --conditioning null")
         if config.names:  # names are text: a class-conditional model has nowhere to put them
             raise ConfigError(f"--names needs a text encoder; the {run.adapter.family} model has none: drop --names")
+        if config.inversion_rerank:
+            raise ConfigError(f"--inversion-rerank needs a text encoder; the {run.adapter.family} model has none: "
+                              "drop --inversion-rerank")
+        if config.random_contexts:
+            raise ConfigError(f"--random-contexts needs a text encoder; the {run.adapter.family} model has none: "
+                              "drop --random-contexts")
         return None
     if config.names:  # the user's names: no inversion, no learned token
         from ..concept.inversion import name_prompts
 
         names = [" ".join(name.split()) for name in config.names]
-        prompts, neutral = name_prompts(names, len(names), list(config.name_contexts), list(ctx.cond.prompts),
-                                        placeholder=False)
+        draw = _context_drawer(run)
+        contexts = list(config.name_contexts) + (draw(names) if draw else [])
+        prompts, neutral = name_prompts(names, len(names), contexts, list(ctx.cond.prompts), placeholder=False)
         ctx.cond = ctx.cond.extend(ctx.encode_prompts(prompts))
         ctx.cond.neutral = neutral
-        ctx.names = names
+        ctx.names, ctx.contexts = names, contexts
         log(f"names given: {', '.join(names)}")
-        return {"given_names": names}
+        return {"given_names": names, **_drawn_contexts(config, contexts, log)}
     bar = Progress(config.inversion_steps, "phase 1: naming the concept", config.quiet)
     try:
         result = invert_concept(ctx, steps=config.inversion_steps, lr=config.inversion_lr,
                                 batch_size=config.batch_size, num_words=config.inversion_words,
                                 name_words=config.name_words, contexts=tuple(config.name_contexts),
-                                pool=tuple(ctx.cond.prompts), rerank=config.inversion_rerank, progress=bar)
+                                pool=tuple(ctx.cond.prompts), rerank=config.inversion_rerank,
+                                more_contexts=_context_drawer(run), progress=bar)
     finally:
         bar.close()
     if result is None:
@@ -85,8 +110,18 @@ def name_concept(run: Run, log) -> dict | None:
               "inversion_loss_last": result.losses[-1]}
     if result.fit:  # best first (a list: the record's keys are written sorted)
         record["word_fit"] = [[word, change] for word, change in result.fit.items()]
-    ctx.names = concept_names(record, config.name_words)
+    record.update(_drawn_contexts(config, result.contexts, log))
+    ctx.names, ctx.contexts = concept_names(record, config.name_words), result.contexts
     return record
+
+
+def _drawn_contexts(config, contexts: list[str], log) -> dict:
+    """The record's (and the log's) ``--random-contexts`` templates: those of ``contexts`` after the given ones."""
+    drawn = contexts[len(config.name_contexts):]
+    if not drawn:
+        return {}
+    log(f"name contexts drawn from the vocabulary: {', '.join(repr(c) for c in drawn)}")
+    return {"random_contexts": drawn}
 
 
 NAME_SAMPLE_STEPS = 20  # sampler steps for --name-samples (the pipeline's own sampler and guidance)
@@ -151,9 +186,10 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     if dropped:
         log(f"--anchor-words: {', '.join(dropped)} is also a name found for the concept; it is not kept")
     keep_words = kept_words
-    kept = kept_prompts(keep_words, list(config.name_contexts))
+    contexts = ctx.contexts or list(config.name_contexts)
+    kept = kept_prompts(keep_words, contexts)
     words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
-    candidates = anchor_prompts(words, names + keep_words, list(config.name_contexts),
+    candidates = anchor_prompts(words, names + keep_words, contexts,
                                 max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
                                 torch.Generator().manual_seed(seed)) if wanted > 0 else []
     if not candidates and not kept:

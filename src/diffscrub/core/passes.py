@@ -49,6 +49,11 @@ def later_pass_values(first: EraseConfig, flags: dict[str, Any], where: str) -> 
         if key in flags:
             raise ConfigError(f"{where} sets --{key.replace('_', '-')}, which belongs to the whole run: give it once, "
                               "before --then")
+    if flags.get("inversion_rerank") and flags.get("conditioning") != "inversion":
+        # a later pass takes the earlier pass's names (see _inherit_names): nothing for it to re-rank
+        raise ConfigError(f"{where} sets --inversion-rerank, but a later pass takes the names the pass before found "
+                          "(inversion against an erased model finds the erasure, not the concept): give "
+                          "--inversion-rerank before --then")
     return {**{key: getattr(first, key) for key in INHERITED}, **flags}
 
 

@@ -93,6 +93,17 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
         if config.name_samples:
             raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are "
                               "no named prompts to draw: drop --name-samples")
+    # the options that act on the names in the conditioning pool: refused where the run puts none there
+    names_in_pool = config.conditioning == "inversion" or (
+        config.conditioning == "auto" and getattr(method_cls, "inversion_pool", True))
+    for flag, value in (("inversion-rerank", config.inversion_rerank), ("random-contexts", config.random_contexts)):
+        if value and not names_in_pool:
+            raise ConfigError(f"--{flag} acts on the concept's names in the conditioning pool, and this run puts none "
+                              f"there (method {method_cls.name!r}, --conditioning {config.conditioning}): drop "
+                              f"--{flag}" + (", or use --conditioning auto" if config.conditioning != "auto" else ""))
+    if config.inversion_rerank and config.names:
+        raise ConfigError("--inversion-rerank orders the words textual inversion finds, and with --names no "
+                          "inversion runs: drop one of them")
     both = {w.lower() for w in getattr(method_config, "anchor_words", None) or []} & {n.lower() for n in config.names}
     if both:
         raise ConfigError(f"{', '.join(sorted(both))!r} is both a name of the concept (--names) and a word to keep "

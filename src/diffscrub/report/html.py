@@ -306,6 +306,9 @@ def concept_section(record: dict) -> str:
     if pool:
         more = f" and {len(pool) - 24} more" if len(pool) > 24 else ""
         parts.append(f"<p>Conditioning pool ({len(pool)} prompts): {_codes(pool[:24])}{more}.</p>")
+    if cond.get("random_contexts"):
+        parts.append(f"<p>The names also went in {len(cond['random_contexts'])} templates drawn from the vocabulary "
+                     f"(--random-contexts): {_codes(cond['random_contexts'])}.</p>")
     drawn = cond.get("name_samples")
     if drawn:
         parts.append(f"<p>The model drew {int(drawn['count'])} images of {_codes(drawn.get('prompts', []))} "
