@@ -17,7 +17,7 @@ METRICS = {"sets": {
                     {"prompt": "7 on grass", "reference": {"k": 5, "n": 5}, "erased": {"k": 0, "n": 5}},
                     {"prompt": "7 and 3 on flat", "reference": {"k": 4, "n": 5}, "erased": {"k": 4, "n": 5}}]},
     "other": {"prompt_adherence": {"reference": _rate(0.8), "erased": _rate(0.78)},
-              "frechet_distance": {"reference": {"value": 1.5}, "erased": {"value": 1.7}}},
+              "frechet_distance": {"reference": {"value": 1.5, "ci": [1.25, 2.0]}, "erased": {"value": 1.7}}},
 }}
 
 
@@ -34,6 +34,9 @@ def test_rows_and_table():
     assert lines[start + 1].split()[1:] == ["7", "on", "grass", "7", "and", "3", "on", "flat"]
     assert lines[start + 2].split() == ["original", "5/5", "4/5"] and lines[start + 3].split() == ["tss", "0/5", "4/5"]
     assert "samples that show it" not in format_table([_row("tss", {"sets": {}})], "7")  # nothing to break down
+    # the Frechet distance's interval, for the rows whose evaluation gave one
+    assert "FD (other), 95% bootstrap interval: original 1.2-2.0" in table and "tss 1." not in table.split("interval")[1]
+    assert "bootstrap interval" not in format_table([era], "7")
 
 
 def test_seed_step_is_faithful(tiny_pipeline_dirs, monkeypatch):
