@@ -67,14 +67,12 @@ def name_concept(run: Run, log) -> dict | None:
         if config.conditioning == "inversion":
             raise ConfigError(f"conditioning='inversion' needs a text encoder; the {run.adapter.family} model has "
                               "none: use --conditioning null")
-        if config.names:  # names are text: a class-conditional model has nowhere to put them
-            raise ConfigError(f"--names needs a text encoder; the {run.adapter.family} model has none: drop --names")
-        if config.inversion_rerank:
-            raise ConfigError(f"--inversion-rerank needs a text encoder; the {run.adapter.family} model has none: "
-                              "drop --inversion-rerank")
-        if config.random_contexts:
-            raise ConfigError(f"--random-contexts needs a text encoder; the {run.adapter.family} model has none: "
-                              "drop --random-contexts")
+        # names are text: a class-conditional model has nowhere to put them, nor anything to rank or place
+        for flag, value in (("names", config.names), ("inversion-rerank", config.inversion_rerank),
+                            ("random-contexts", config.random_contexts)):
+            if value:
+                raise ConfigError(f"--{flag} needs a text encoder; the {run.adapter.family} model has none: "
+                                  f"drop --{flag}")
         return None
     if config.names:  # the user's names: no inversion, no learned token
         from ..concept.inversion import name_prompts

@@ -85,7 +85,8 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
     for need, flag in (("retain", config.retain), ("concept_prompt", config.concept_prompt)):
         if need in method_cls.needs and not flag:
             raise ConfigError(f"method {method_cls.name!r} needs {INPUTS[need]}")
-    if config.conditioning == "auto" and not getattr(method_cls, "inversion_pool", True):  # no names in its pool
+    inversion_pool = getattr(method_cls, "inversion_pool", True)  # False: the method keeps no names in its pool
+    if config.conditioning == "auto" and not inversion_pool:
         if config.names:
             raise ConfigError(f"method {method_cls.name!r} keeps its conditioning pool as the model draws it, so names "
                               "there would be preserved, not erased: drop --names (name the concept with "
@@ -94,8 +95,7 @@ def preflight(config: EraseConfig, method_cls, method_config=None) -> None:
             raise ConfigError(f"method {method_cls.name!r} names no concept in its conditioning pool, so there are "
                               "no named prompts to draw: drop --name-samples")
     # the options that act on the names in the conditioning pool: refused where the run puts none there
-    names_in_pool = config.conditioning == "inversion" or (
-        config.conditioning == "auto" and getattr(method_cls, "inversion_pool", True))
+    names_in_pool = config.conditioning == "inversion" or (config.conditioning == "auto" and inversion_pool)
     for flag, value in (("inversion-rerank", config.inversion_rerank), ("random-contexts", config.random_contexts)):
         if value and not names_in_pool:
             raise ConfigError(f"--{flag} acts on the concept's names in the conditioning pool, and this run puts none "
