@@ -685,7 +685,7 @@ def test_given_names_replace_the_inversion(tmp_path, monkeypatch):
     fresh = run.ctx.encode_prompts([f"{seven} on grass"]).kwargs["encoder_hidden_states"]
     taken = cond.take(torch.tensor([cond.prompts.index(f"{seven} on grass")]))["encoder_hidden_states"]
     assert torch.allclose(taken, fresh, atol=1e-6)
-    anchors = add_vocab_anchors(run, record, log=lambda m: None)
+    anchors = add_vocab_anchors(run, log=lambda m: None)
     assert anchors["left_out"] == [seven, other]
     assert not {seven, other} & {w for p in run.ctx.cond.anchor_prompts for w in p.split()}
 
@@ -825,7 +825,7 @@ def test_conditioning_extend_offsets_neutral_forms():
 
 def test_vocabulary_anchor_prompts_leave_out_the_names():
     from diffscrub.concept.inversion import PLACEHOLDER
-    from diffscrub.concept.vocabulary import anchor_prompts, vocabulary_words
+    from diffscrub.concept.vocabulary import anchor_prompts, vocabulary_words, words_to_keep
     from diffscrub.toy.tokenizers import build_clip_tokenizer
 
     tok = build_clip_tokenizer()
@@ -845,6 +845,10 @@ def test_vocabulary_anchor_prompts_leave_out_the_names():
     # a vocabulary smaller than asked: every pair once; names compared case-insensitively
     assert sorted(anchor_prompts(["Seven", "3"], ["seven"], contexts, 99, torch.Generator())) == [
         ("3", ""), ("3 on grass", "on grass")]
+    # a name of several words leaves out each of its words from the draw, but the user's anchor words lose only
+    # whole names
+    assert sorted(anchor_prompts(["stop", "Sign", "3"], ["stop sign"], ["{}"], 99, torch.Generator())) == [("3", "")]
+    assert words_to_keep(["sign", "Stop Sign", "3"], ["stop sign"]) == ["sign", "3"]
 
 
 def test_random_contexts_are_distinct_nameless_and_seeded():
@@ -863,6 +867,8 @@ def test_random_contexts_are_distinct_nameless_and_seeded():
     assert drawn == random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(0))
     assert drawn != random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(1))
     assert sorted(random_contexts(["x", "brick"], ["brick"], 5, torch.Generator().manual_seed(0))) == ["x {}", "{} x"]
+    assert sorted(random_contexts(["x", "red", "brick"], ["red brick"], 5, torch.Generator().manual_seed(0))) == [
+        "x {}", "{} x"]
 
 
 def test_strongest_anchors_are_taken_template_by_template():
@@ -897,6 +903,29 @@ def test_conditioning_anchors_are_never_pool_draws():
     assert ErasureContext.anchor_index(ctx, 4) is None
 
 
+def test_teacher_grid_scores_every_prompt_at_every_latent(tmp_path):
+    """teacher_grid: each (latent, prompt) pair once, in calls of at most batch_size, each prediction the
+    teacher's for that latent under that prompt alone."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    cfg = EraseConfig(model="sd", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", conditioning="null")
+    ctx = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("sd"),
+                    log=lambda m: None).ctx
+    cond = ctx.encode_prompts(["", "a", "b c"])
+    z_t = torch.randn(2, *ctx.forget.mean.shape[1:], generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 700])
+    seen = []
+    for latents, prompts, pred in ctx.teacher_grid(z_t, t, cond, batch_size=4):
+        assert len(latents) <= 4 and pred.shape == (len(latents), *z_t.shape[1:])
+        for row, (i, p) in enumerate(zip(latents.tolist(), prompts.tolist())):
+            alone, _ = ctx.teacher_predict(z_t[i:i + 1], t[i:i + 1], cond.take(torch.tensor([p])))
+            assert torch.allclose(pred[row], alone[0], atol=1e-5)
+            seen.append((i, p))
+    assert sorted(seen) == [(i, p) for i in range(2) for p in range(3)]
+
+
 def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
     """Anchor prompts are vocabulary words without the found name, outside the record's pool; the anchor
     term is zero while the student is the teacher and grows once the student's text path moves."""
@@ -912,7 +941,8 @@ def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
                     log=lambda m: None)
     ctx = run.ctx
     name = run.adapter.pipe.tokenizer.convert_ids_to_tokens(300).replace("</w>", "")
-    figures = add_vocab_anchors(run, {"nearest_words": [name, "other"]}, log=lambda m: None)
+    ctx.names = [name]  # as Phase 1's naming leaves it
+    figures = add_vocab_anchors(run, log=lambda m: None)
     assert figures["count"] == 6 == len(ctx.cond.anchor_prompts) and figures["left_out"] == [name]
     assert figures["candidates"] == 12 and figures["effect_kept_min"] > 0  # chosen by the teacher's effect
     assert ctx.cond.pool_len == 1 and all(name not in p.split() for p in ctx.cond.anchor_prompts)
@@ -952,7 +982,8 @@ def test_anchor_words_are_kept_in_every_template(tmp_path):
     run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "vocab_anchors": 5,
                           "anchor_words": [keep, " red thing ", name]}, pipe=pipe, log=lambda m: None)
     notices = []
-    figures = add_vocab_anchors(run, {"nearest_words": [name]}, log=notices.append)
+    run.ctx.names = [name]  # as Phase 1's naming leaves it
+    figures = add_vocab_anchors(run, log=notices.append)
     prompts = run.ctx.cond.anchor_prompts
     assert prompts[:4] == [keep, f"a {keep}", "red thing", "a red thing"]
     assert len(prompts) == 9 and figures["count"] == 9 and figures["kept_words"] == [keep, "red thing"]

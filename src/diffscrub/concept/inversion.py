@@ -72,9 +72,8 @@ def nearest_words(embedding_matrix: torch.Tensor, vector: torch.Tensor, tokenize
 @torch.no_grad()
 def _loss_change(ctx, cache, cond, gen: torch.Generator, images: int, batch_size: int) -> torch.Tensor:
     """``[P - 1]``: each of prompts ``1..P-1`` of ``cond``'s relative change of the teacher's denoising loss on
-    ``images`` draws from ``cache`` against prompt 0 (the null prompt). Every prompt is scored on the same noisy
-    latents (one image, ``t`` and noise each): the loss's spread over ``t`` and the images would otherwise swamp
-    the differences between words."""
+    ``images`` draws from ``cache`` against prompt 0 (the null prompt), every prompt on the same noisy latents
+    (:meth:`~diffscrub.core.context.ErasureContext.teacher_grid`)."""
     pick = torch.randint(0, len(cache), (images,), generator=gen)
     mean, std = cache.mean[pick].cpu(), cache.std[pick].cpu()
     z0 = mean + std * torch.randn(mean.shape, generator=gen)  # [N, C, h, w]
@@ -85,12 +84,9 @@ def _loss_change(ctx, cache, cond, gen: torch.Generator, images: int, batch_size
     eps = torch.randn(z0.shape, generator=gen)
     z_t, target = ctx.schedule.add_noise(z0, eps, t), ctx.schedule.target(z0, eps, t)
     loss = torch.zeros(len(cond))
-    for prompt in range(len(cond)):
-        for rows in torch.arange(images).split(batch_size):
-            pred, _ = ctx.teacher_predict(z_t[rows].to(ctx.device), t[rows].to(ctx.device),
-                                          cond.take(torch.full((len(rows),), prompt, dtype=torch.long)))
-            pred, _ = ctx.adapter.split_variance(pred, z0.shape[1])
-            loss[prompt] += float((pred - target[rows].to(pred.device)).pow(2).sum())
+    for latents, prompts, pred in ctx.teacher_grid(z_t, t, cond, batch_size):
+        err = (pred - target[latents].to(pred.device)).pow(2).flatten(1).sum(1)  # [B]
+        loss.index_add_(0, prompts, err.cpu())
     return loss[1:] / loss[0] - 1
 
 

@@ -29,6 +29,15 @@ def vocabulary_words(tokenizer) -> list[str]:
     return list(words)
 
 
+def left_out(names: list[str]) -> set[str]:
+    """The words a vocabulary draw never takes (anchor words, template words), lower case: each name, each word
+    of a name of several ("sign" of "stop sign": alone it draws part of the concept), and the placeholder.
+    The user's own ``--anchor-words`` lose only whole names (:func:`words_to_keep`): a word asked for by name
+    is kept unless it is the concept's name itself."""
+    words = {name.lower() for name in names} | {w.lower() for name in names for w in name.split()}
+    return words | {PLACEHOLDER.lower()}
+
+
 def _fill(context: str, word: str) -> str:
     return " ".join(context.format(word).split())
 
@@ -58,13 +67,13 @@ def kept_prompts(words: list[str], contexts: list[str]) -> list[tuple[str, str]]
 def anchor_prompts(words: list[str], names: list[str], contexts: list[str], n: int,
                    generator: torch.Generator) -> list[tuple[str, str]]:
     """``n`` distinct prompts (fewer when the vocabulary is small), each with its base: a template of
-    ``contexts`` filled with one word of ``words`` (never one of ``names``, compared case-insensitively, or the
-    placeholder), and the same template without the word (``("3 on grass", "on grass")``, ``("3", "")``).
+    ``contexts`` filled with one word of ``words`` (never one of :func:`left_out`'s), and the same template
+    without the word (``("3 on grass", "on grass")``, ``("3", "")``).
 
     Drawn without replacement from every (word, template) pair with ``generator``.
     """
-    left_out = {name.lower() for name in names} | {PLACEHOLDER}
-    kept = [w for w in words if w.lower() not in left_out]
+    skip = left_out(names)
+    kept = [w for w in words if w.lower() not in skip]
     pairs = [(w, c) for w in kept for c in contexts]
     order = torch.randperm(len(pairs), generator=generator)[:n].tolist()
     return _with_bases(pairs[i] for i in order)
@@ -78,11 +87,11 @@ def random_contexts(words: list[str], names: list[str], n: int, generator: torch
     Why: a student trained on the bare name ("brick") generalises only partly to the name among other words;
     on toy-mmdit, prompts like "5 and 9 on brick" still drew brick in up to 5 of 32 samples where "3 on
     brick" drew it in none. The template words are the vocabulary's, with no notion of grammar, so nothing
-    about the user's prompts is assumed. ``names`` (case-insensitively) and the placeholder are never among
-    the words: a neutral form that still held a name would teach the student nothing, or worse.
+    about the user's prompts is assumed. :func:`left_out`'s words are never among them: a neutral form that
+    still held a name would teach the student nothing, or worse.
     """
-    left_out = {name.lower() for name in names} | {PLACEHOLDER.lower()}
-    pool = [w for w in words if w.lower() not in left_out]
+    skip = left_out(names)
+    pool = [w for w in words if w.lower() not in skip]
     templates: dict[str, None] = {}
     for _ in range(10 * n):  # distinct templates; a tiny vocabulary runs out of them
         if len(templates) == n or not pool:
@@ -118,11 +127,8 @@ def word_effects(ctx, filled, bases_of: list[str], latents, batch_size: int, dra
     z_t = ctx.schedule.add_noise(z0, ctx.randn_like(z0), t)
     total = torch.zeros(n)
     for d in range(draws):
-        preds = torch.cat([
-            ctx.teacher_predict(z_t[d:d + 1].expand(len(rows), *z_t.shape[1:]), t[d:d + 1].expand(len(rows)),
-                                both.take(rows))[0]
-            for rows in torch.arange(len(both)).split(batch_size)
-        ])  # [P + bases, C', H, W]: every prompt at the same z_t
+        # [P + bases, C, H, W]: every prompt at the same z_t
+        preds = torch.cat([pred for _, _, pred in ctx.teacher_grid(z_t[d:d + 1], t[d:d + 1], both, batch_size)])
         total += (preds[:n] - preds[base_row]).pow(2).flatten(1).mean(1).cpu()
     return total / draws
 

@@ -262,6 +262,19 @@ class ErasureContext:
             pred, feats = self.adapter.predict(call, z_t.to(self.dtype), t, cond, features=features)
         return pred.float(), feats
 
+    def teacher_grid(self, z_t: torch.Tensor, t: torch.Tensor, cond: Conditioning, batch_size: int):
+        """The frozen teacher under every prompt of ``cond`` at every latent of ``z_t [N, C, H, W]`` (at
+        ``t [N]``), ``batch_size`` (latent, prompt) pairs a call: yields ``(latents, prompts, pred)``, with
+        ``latents``, ``prompts`` ``[B]`` the pairs' indices and ``pred [B, C, H, W]`` (variance channels
+        dropped). Scoring words on the same noisy latents, rather than each on its own draws, keeps the
+        spread of the error over ``t`` and the images out of the differences between words."""
+        n, p = len(z_t), len(cond)
+        for pairs in torch.arange(n * p).split(batch_size):
+            latents, prompts = pairs // p, pairs % p  # latent-major: a latent's prompts share a call
+            pred, _ = self.teacher_predict(z_t[latents].to(self.device), t[latents].to(self.device),
+                                           cond.take(prompts))
+            yield latents, prompts, self.adapter.split_variance(pred, z_t.shape[1])[0]
+
     def student_predict(self, z_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         model = self.student if self.student_forward is None else self.student_forward
         with self.autocast():

@@ -155,7 +155,7 @@ def add_name_samples(run: Run, log) -> dict | None:
     return {"count": wanted, "prompts": named, "steps": NAME_SAMPLE_STEPS}
 
 
-def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
+def add_vocab_anchors(run: Run, log) -> dict | None:
     """Append vocabulary-anchor prompts to the conditioning pool when the method asks for them: the config's
     ``anchor_words`` in every name template, then ``vocab_anchors`` more: whole words of the first tokenizer,
     the concept's names and the kept words left out, in the name templates, drawn at random; or, when the
@@ -174,10 +174,8 @@ def add_vocab_anchors(run: Run, inversion: dict | None, log) -> dict | None:
     if not pairs:
         log(f"the {run.adapter.family} model has no text encoder: no vocabulary anchors")
         return None
-    if inversion is not None:
-        names = concept_names(inversion, config.name_words)
-    else:
-        names = (config.concept_prompt or "").split()
+    # the names Phase 1 found or was given; without naming, the concept prompt's words
+    names = ctx.names or (config.concept_prompt or "").split()
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=ctx.generator))
     kept_words = words_to_keep(keep_words, names)
     dropped = [w for w in keep_words if w not in kept_words]

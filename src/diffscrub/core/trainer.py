@@ -358,7 +358,7 @@ def erase(
         drawn = add_name_samples(run, log) if main else None
         if drawn is not None:
             inversion = {**(inversion or {}), "name_samples": drawn}
-        anchors = add_vocab_anchors(run, inversion, log) if main else None
+        anchors = add_vocab_anchors(run, log) if main else None
         if anchors is not None:
             inversion = {**(inversion or {}), "vocab_anchors": anchors}
         timing["inversion_s"] = time.perf_counter() - t2
