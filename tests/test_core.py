@@ -105,6 +105,33 @@ def test_forget_loss_learned_variance_uses_mean_channels():
     assert other_var > base
 
 
+@pytest.mark.parametrize("kind,prediction_type", [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("flow", "flow")])
+def test_clean_keep_weight_gives_high_t_the_forget_terms_weight(kind, prediction_type):
+    """keep_weight 'clean': a keep term's error at one input, in clean-latent units weighted as the forget
+    term, is (for eps) the prediction-space error times clamp(SNR, floor, gamma) / SNR: far more at high t,
+    where an eps-space term fades, and less at small t (v and flow: about the same at high t, less at small t).
+    Zero when student and teacher agree."""
+    from diffscrub.methods.tss.method import clean_mse, masked_mse
+
+    sched = SCHEDULES[kind]()
+    if kind == "ddpm":
+        sched.prediction_type = prediction_type
+    g = torch.Generator().manual_seed(2)
+    z_t, teacher, delta = (torch.randn(3, 4, 6, 6, generator=g) for _ in range(3))
+    t = torch.tensor([20, 500, 980])
+    per = [float(clean_mse(sched, teacher[i:i + 1] + delta[i:i + 1], z_t[i:i + 1], teacher[i:i + 1],
+                           z_t[i:i + 1], t[i:i + 1], 1.0, 5.0, 1.0)
+                 / masked_mse(teacher[i:i + 1] + delta[i:i + 1], teacher[i:i + 1], 1.0)) for i in range(3)]
+    assert per[0] < per[2]  # against the prediction-space term, small t loses weight to large t
+    if prediction_type == "epsilon":  # an eps error is worth 1 / SNR in clean units: ~200 at the last steps
+        snr = sched.snr(t)
+        assert torch.allclose(torch.tensor(per), snr.clamp(1.0, 5.0) / snr, rtol=1e-4)
+        assert per[0] < 1 < per[1] < per[2] and per[2] > 50
+    else:  # v and flow predictions already carry clean-latent units at high t (x0 error = s * v error)
+        assert abs(per[2] - 1) < 0.1
+    assert float(clean_mse(sched, teacher, z_t, teacher, z_t, t, 1.0, 5.0, 1.0)) == 0.0
+
+
 def _expand_s(sched, t):
     return sched.coefficients(t)[1].reshape(-1, 1, 1, 1)
 
@@ -962,6 +989,33 @@ def test_tss_vocab_anchor_term_holds_the_student_to_the_teacher(tmp_path):
                 param.add_(torch.randn_like(param) * 0.5)
     _, terms = run.method.loss(1, 2)
     assert float(terms["vocab_anchor"]) > 1e-6
+
+
+def test_keep_weight_clean_reweighs_every_keep_term(tmp_path):
+    """--keep-weight clean: the background, retain and anchor terms are zero while the student is the teacher;
+    once it moves, each is the clean-latent error weighted as the forget term, not the prediction-space one
+    (same batch, same draws)."""
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget, retain = _images(tmp_path / "f"), _images(tmp_path / "r")
+    terms = {}
+    for weight in ("prediction", "clean"):
+        cfg = EraseConfig(model="sd", forget=str(forget), retain=str(retain), out=str(tmp_path / weight), steps=1,
+                          batch_size=2, quiet=True, device="cpu", conditioning="null", seed=3)
+        run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1,
+                              "keep_weight": weight}, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+        run.method.prepare(batch_size=2)
+        _, still = run.method.loss(0, 2)
+        assert float(still["retain"]) < 1e-10 and float(still["background"]) < 1e-10
+        with torch.no_grad():
+            for param in run.ctx.student.parameters():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+        run.ctx.generator.manual_seed(7)
+        terms[weight] = {k: float(v) for k, v in run.method.loss(1, 2)[1].items()}
+    for key in ("retain", "background"):
+        assert terms["clean"][key] > 0 and abs(terms["clean"][key] / terms["prediction"][key] - 1) > 0.05, key
+    assert terms["clean"]["forget"] == pytest.approx(terms["prediction"]["forget"], rel=1e-5)  # only the keep terms
 
 
 def test_anchor_words_are_kept_in_every_template(tmp_path):

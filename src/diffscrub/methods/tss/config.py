@@ -44,6 +44,13 @@ class TSSConfig:
     snr_gamma: float = option(5.0, "upper clip of the clean-target forget loss's weight clamp(SNR(t), snr_floor, gamma)")
     snr_floor: float = option(1.0, "lower clip of that weight: high t, where the content is decided, keeps at least "
                               "this weight (0: the prediction-space scale, which fades there)")
+    keep_weight: str = option(
+        "prediction",
+        "how the terms that keep (background, retain, vocabulary anchors) weigh their error: prediction (the "
+        "model's prediction space, as the seed) or clean (the clean-latent error weighted as the clean forget "
+        "term, clamp(SNR, snr_floor, snr_gamma); it gives high t, where the content is decided, the same weight "
+        "in both)",
+    )
     mask_mode: str = option(
         "cached",
         "cached: one mask per forget image, detected in the semantic band and averaged over draws, computed once; "
@@ -142,6 +149,7 @@ class TSSConfig:
                               f"--blind-fill surround (got {self.blind_fill!r}); drop --fill-prior or the other fill")
         check_range("tss.snr_gamma", self.snr_gamma, 0, low_open=True)
         check_range("tss.snr_floor", self.snr_floor, 0, self.snr_gamma)
+        check_choice("tss.keep_weight", self.keep_weight, ("prediction", "clean"))
         check_choice("tss.kmeans_backend", self.kmeans_backend, ("auto", "sklearn", "torch"))
         check_range("tss.mask_draws", self.mask_draws, 1)
         check_range("tss.contrast_ratio", self.contrast_ratio, 0)

@@ -11,6 +11,8 @@ Phase 1 fits K prototypes to the frozen teacher's mid-depth features of the forg
     L_v = || S(z_t^v, c_v) - T(z_t^v, c_v) ||^2 (vocabulary anchors, optional)
     L   = lambda_f L_f + lambda_b L_b + lambda_r L_r + lambda_v L_v
 
+(``keep_weight="clean"``: L_b, L_r and L_v as ``w(t) || x0(S, z) - x0(T, z) ||^2``, in L_f's units)
+
 with the same t and eps for ``z_t`` and ``z_t_blind`` (squared norms as element means),
 ``x0(P, z)`` the clean latent a prediction P at z implies, and ``w(t) = clamp(SNR(t), floor, gamma)``.
 ``c_v`` is a vocabulary-anchor prompt (``"3 on grass"``: a word of the tokenizer that is not the concept's
@@ -59,25 +61,34 @@ def masked_mse(a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.
     return ((a - b) * weight).pow(2).mean()
 
 
+def clean_mse(schedule, student: torch.Tensor, z_s: torch.Tensor, teacher: torch.Tensor, z_teacher: torch.Tensor,
+              t: torch.Tensor, mask, gamma: float, floor: float) -> torch.Tensor:
+    """``clamp(SNR(t), floor, gamma) * || mask * (x0(S, z_s) - x0(T, z_teacher)) ||^2`` (element means): the
+    error of the clean latents the two predictions ``[B, C', H, W]`` imply, ``mask`` ``[B, 1, H, W]`` or a number.
+    Learned-variance models (DiT, PixArt) predict ``C' = 2C`` channels: the variance channels follow the
+    teacher's as they are."""
+    c = z_s.shape[1]
+    x0_student = schedule.predict_z0(z_s, student[:, :c], t)
+    x0_target = schedule.predict_z0(z_teacher, teacher[:, :c], t)
+    weight = schedule.snr(t).clamp(floor, gamma).reshape(-1, *([1] * (z_s.ndim - 1))).to(z_s.device, z_s.dtype)
+    loss = (((x0_student - x0_target) * mask).pow(2) * weight).mean()
+    if student.shape[1] > c:
+        loss = loss + masked_mse(student[:, c:], teacher[:, c:], mask) * (student.shape[1] - c) / c
+    return loss
+
+
 def forget_loss(schedule, kind: str, student: torch.Tensor, z_t: torch.Tensor, teacher_blind: torch.Tensor,
                 z_t_blind: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, gamma: float = 5.0,
                 floor: float = 1.0) -> torch.Tensor:
     """The forget term inside ``mask [B, 1, H, W]``.
 
     ``student``: S(z_t); ``teacher_blind``: T(z_t_blind), both in the model's prediction space
-    ``[B, C, H, W]``. ``kind="clean"``: ``clamp(SNR(t), floor, gamma) * || M * (x0(S, z_t) - x0(T, z_t_blind)) ||^2``;
+    ``[B, C, H, W]``. ``kind="clean"``: :func:`clean_mse` of S at z_t and T at z_t_blind;
     ``kind="seed"``: ``|| M * (S - T) ||^2`` (element means).
     """
     if kind == "seed":
         return masked_mse(student, teacher_blind, mask)
-    c = z_t.shape[1]  # learned-variance models (DiT, PixArt) predict 2C channels: the mean is the first C
-    x0_student = schedule.predict_z0(z_t, student[:, :c], t)
-    x0_target = schedule.predict_z0(z_t_blind, teacher_blind[:, :c], t)
-    weight = schedule.snr(t).clamp(floor, gamma).reshape(-1, *([1] * (z_t.ndim - 1))).to(z_t.device, z_t.dtype)
-    loss = (((x0_student - x0_target) * mask).pow(2) * weight).mean()
-    if student.shape[1] > c:  # the variance channels follow the inpainting teacher as they are
-        loss = loss + masked_mse(student[:, c:], teacher_blind[:, c:], mask) * (student.shape[1] - c) / c
-    return loss
+    return clean_mse(schedule, student, z_t, teacher_blind, z_t_blind, t, mask, gamma, floor)
 
 
 @METHODS.register("tss")
@@ -439,19 +450,33 @@ class TeacherStudentScrubber(Method):
 
         loss_f = forget_loss(ctx.schedule, cfg.forget_target, s_forget, z_t, t_blind, z_t_blind, t, mask,
                              cfg.snr_gamma, cfg.snr_floor)
-        loss_b = masked_mse(s_forget, t_orig, 1.0 - mask)
+        loss_b = self._keep_loss(s_forget, t_orig, z_t, t, 1.0 - mask)
         total = cfg.lambda_f * loss_f + cfg.lambda_b * loss_b
         terms = {"forget": loss_f.detach(), "background": loss_b.detach()}
         if use_retain:
-            loss_r = (s_parts.pop(0) - chunks.pop(0)).pow(2).mean()
+            loss_r = self._keep_loss(s_parts.pop(0), chunks.pop(0), z_tr, t_r)
             total = total + cfg.lambda_r * loss_r
             terms["retain"] = loss_r.detach()
         if anchor is not None:
-            loss_v = (s_parts.pop(0) - chunks.pop(0)).pow(2).mean()
+            loss_v = self._keep_loss(s_parts.pop(0), chunks.pop(0), z_tv, t_v)
             total = total + cfg.lambda_v * loss_v
             terms["vocab_anchor"] = loss_v.detach()
         terms["mask_area"] = mask.mean().detach()
         return total, terms
+
+    def _keep_loss(self, student: torch.Tensor, teacher: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor,
+                   weight=1.0) -> torch.Tensor:
+        """A term that holds the student to the teacher at the same input ``z_t`` (background, retain, anchors).
+
+        ``keep_weight="prediction"``: ``|| weight * (S - T) ||^2`` in the model's prediction space.
+        ``"clean"``: :func:`clean_mse`, the forget term's own weighting. Why: in eps units the clean-target
+        forget term weighs high t, where what is drawn is decided, by ``clamp(SNR, floor, gamma) / SNR`` (about
+        200 at the last step of SD's schedule), the prediction-space keep terms by 1, so there the forget term
+        outweighs everything that keeps."""
+        cfg = self.config
+        if cfg.keep_weight == "clean":
+            return clean_mse(self.ctx.schedule, student, z_t, teacher, z_t, t, weight, cfg.snr_gamma, cfg.snr_floor)
+        return masked_mse(student, teacher, weight)
 
     # ------------------------------------------------------------------ records
     def artifacts(self):
