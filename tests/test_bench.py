@@ -17,6 +17,7 @@ METRICS = {"sets": {
                     {"prompt": "7 on grass", "reference": {"k": 5, "n": 5}, "erased": {"k": 0, "n": 5}},
                     {"prompt": "7 and 3 on flat", "reference": {"k": 4, "n": 5}, "erased": {"k": 4, "n": 5}}]},
     "other": {"prompt_adherence": {"reference": _rate(0.8), "erased": _rate(0.78)},
+              "background_adherence": {"reference": _rate(1.0), "erased": _rate(0.625)},
               "frechet_distance": {"reference": {"value": 1.5, "ci": [1.25, 2.0]}, "erased": {"value": 1.7}}},
 }}
 
@@ -26,7 +27,9 @@ def test_rows_and_table():
     era = _row("tss", METRICS, wall_s=12.0, peak_mb=900.0)
     assert (ref["null_rate"], ref["concept_rate"], ref["adherence"], ref["fd"]) == (0.12, 0.9, 0.8, 1.5)
     assert (era["null_rate"], era["concept_rate"], era["adherence"], era["fd"]) == (0.02, 0.4, 0.78, 1.7)
+    assert (ref["background"], era["background"]) == (1.0, 0.625)
     table = format_table([ref, era], "7")
+    assert "asked bg" in table and "100.0%" in table and "62.5%" in table
     assert "12.0%" in table and " 2.0%" in table and "40.0%" in table and "1.70" in table and "900" in table
     # the naming column prompt by prompt: the erased model still draws it under the two-digit prompt
     lines = table.splitlines()

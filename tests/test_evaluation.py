@@ -335,6 +335,10 @@ def test_evaluate_toy_path_with_oracle(tiny_world):
     assert result["frechet_features"].startswith("toy oracle")
     assert sets["concept"]["prompts"] == ["7 on flat", "7 on brick"]
     assert sets["other"]["prompt_adherence"]["reference"] == sets["other"]["prompt_adherence"]["erased"]
+    ba = sets["other"]["background_adherence"]  # every toy "other" prompt asks for a background
+    assert ba["reference"] == ba["erased"] and ba["reference"]["n"] == sets["other"]["n"]
+    samples = json.loads((out / "samples.json").read_text())["other"]
+    assert sum(samples["background_erased"]) == ba["erased"]["k"]
     for name in ("null", "other"):
         fd = sets[name]["frechet_distance"]
         assert fd["features"].startswith("toy oracle")
@@ -408,6 +412,12 @@ def test_oracle_reader_on_real_canvases():
     assert (brick(to_float_images(with7))[0] == truth).float().mean() > 0.8
     prompts = [caption(lab) for lab in labels_other]
     assert reader.adherence(to_float_images(without7), prompts).float().mean() > 0.6
+    # the asked background alone: found on the canvases it was asked for, not once every prompt asks another one
+    asked, found = reader.background_adherence(to_float_images(without7), prompts + [""])  # "" asks none
+    assert asked[:-1].all() and not asked[-1] and not found[-1] and found.float().mean() > 0.8
+    others = {"flat": "grass", "brick": "gravel", "grass": "flat", "gravel": "brick"}
+    swapped = [p.replace(lab.background, others[lab.background]) for p, lab in zip(prompts, labels_other)]
+    assert reader.background_adherence(to_float_images(without7), swapped)[1].float().mean() < 0.2
     assert OracleFeatures(oracle)(to_float_images(with7[:3])).shape == (3, 192)
 
 

@@ -84,7 +84,9 @@ def make_run(root: pathlib.Path, n_forget: int = 5) -> pathlib.Path:
             "other": {"n": 2, "concept_rate_by_reader": {}, "preservation": {"pixel_diff": _mean(0.01),
                                                                            "ssim": _mean(0.95)},
                       "prompt_adherence": {"reference": _rate(2, 2), "erased": _rate(1, 2),
-                                           "drop": {"drop": 0.5, "n": 2, "ci": [0.0, 1.0]}}},
+                                           "drop": {"drop": 0.5, "n": 2, "ci": [0.0, 1.0]}},
+                      "background_adherence": {"reference": _rate(2, 2), "erased": _rate(0, 2),
+                                               "drop": {"drop": 1.0, "n": 2, "ci": [1.0, 1.0]}}},
         },
         "grids": grids,
         "notes": ["a note <with> markup & such"],
@@ -118,6 +120,7 @@ def test_report_sections_and_only_data_uris(run_dir):
     assert page.count("<polyline") == 5  # total, forget, background, retain, mask_area
     assert "a note &lt;with&gt; markup &amp; such" in page  # escaped
     assert "concept rate, oracle (primary)" in page and "prompt adherence" in page and "Fréchet distance" in page
+    assert "asked background (oracle)" in page
     assert "reference &minus; erased" in page
     by_prompt = page[page.index("<h3>Concept rate by prompt (oracle)</h3>"):]
     assert re.search(r"<td>concept</td><td><code>7 and &lt;3&gt;</code></td><td[^>]*>", by_prompt)

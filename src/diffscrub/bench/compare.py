@@ -43,6 +43,8 @@ def _row(name: str, metrics: dict | None, *, wall_s=None, peak_mb=None, referenc
     other = sets.get("other", {})
     pa = other.get("prompt_adherence")
     row["adherence"] = pa[side]["rate"] if pa else None
+    ba = other.get("background_adherence")
+    row["background"] = ba[side]["rate"] if ba else None
     fd = other.get("frechet_distance")
     row["fd"] = fd[side]["value"] if fd else None
     row["fd_ci"] = fd[side].get("ci") if fd else None
@@ -59,11 +61,12 @@ def format_table(rows: list[dict], concept: str) -> str:
         return "   -   " if x is None else format(x, fmt)
 
     head = (f"{'model':<18}{'concept ' + concept + ' (null)':>18}{'(prompts naming it)':>21}"
-            f"{'adherence (other)':>19}{'FD (other)':>12}{'wall s':>9}{'peak MB':>9}")
+            f"{'adherence (other)':>19}{'asked bg':>10}{'FD (other)':>12}{'wall s':>9}{'peak MB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:<18}{pct(r.get('null_rate')):>18}{pct(r.get('concept_rate')):>21}"
-                     f"{pct(r.get('adherence')):>19}{num(r.get('fd'), '12.2f')}{num(r.get('wall_s'), '9.0f')}"
+                     f"{pct(r.get('adherence')):>19}{pct(r.get('background')):>10}{num(r.get('fd'), '12.2f')}"
+                     f"{num(r.get('wall_s'), '9.0f')}"
                      f"{num(r.get('peak_rss_mb'), '9.0f')}")
     # at a few dozen samples the Frechet distance's own spread is wide (toy-mmdit, 64 samples: 563.8-762.2 around
     # 614.9); a bar like "within 15% of the original's" is read against it

@@ -102,9 +102,10 @@ def format_summary(result: dict) -> str:
             for row in figures.get("concept_rate_by_prompt", []):
                 label = "  " + (row["prompt"] if len(row["prompt"]) <= 22 else row["prompt"][:21] + "…")
                 lines.append(f"{name:<8}{label:<26}{_count(row['reference']):>30}{_count(row['erased']):>30}")
-        pa = figures.get("prompt_adherence")
-        if pa:
-            lines.append(f"{name:<8}{'prompt adherence':<26}{_fmt_rate(pa['reference']):>30}{_fmt_rate(pa['erased']):>30}")
+        for key, label in (("prompt_adherence", "prompt adherence"), ("background_adherence", "asked background")):
+            pa = figures.get(key)
+            if pa:
+                lines.append(f"{name:<8}{label:<26}{_fmt_rate(pa['reference']):>30}{_fmt_rate(pa['erased']):>30}")
         ch = figures.get("preservation") or figures.get("change") or {}
         if ch:
             lines.append(f"{name:<8}{'pixel diff vs reference':<26}{'0':>30}{_fmt_mean(ch.get('pixel_diff')):>30}")

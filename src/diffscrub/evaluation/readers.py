@@ -124,6 +124,20 @@ class OracleReader:
             ok.append(good)
         return torch.tensor(ok, dtype=torch.bool)
 
+    @torch.no_grad()
+    def background_adherence(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(asked [N], found [N])``, bool: whether the prompt asks for a background, and whether the oracle
+        finds that one. Why apart from :meth:`adherence`: a model that ignores which digit is asked for (toy-mmdit)
+        reads near 0 there whatever an erasure does, while the background it draws can still be lost."""
+        from ..toy.canvas import BACKGROUNDS, parse_caption
+
+        shown = self.oracle.predict(images)["background"]
+        wanted = [parse_caption(prompt)[1] for prompt in prompts]
+        asked = torch.tensor([bg is not None for bg in wanted], dtype=torch.bool)
+        found = torch.tensor([bg is not None and int(shown[i]) == BACKGROUNDS.index(bg) for i, bg in enumerate(wanted)],
+                             dtype=torch.bool)
+        return asked, found
+
 
 def read_run_record(folder: str | pathlib.Path) -> dict:
     path = pathlib.Path(folder) / RECORD_FILE

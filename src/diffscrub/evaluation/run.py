@@ -139,6 +139,13 @@ def preflight(config: EvalConfig, *, library: bool = False) -> PromptSets:
     return prompt_sets
 
 
+def _paired_rates(reference: torch.Tensor, erased: torch.Tensor, seed: int, config: EvalConfig) -> dict:
+    """Each model's rate of a bool ``[N]`` reading on the same samples, and the paired drop between them."""
+    return {"reference": M.rate_summary(reference, config.confidence),
+            "erased": M.rate_summary(erased, config.confidence),
+            "drop": M.paired_rate_drop(reference, erased, seed, config.bootstrap, config.confidence)}
+
+
 def _rates_by_prompt(prompts: list[str], reference: list[bool], erased: list[bool], confidence: float) -> list[dict]:
     """``[{"prompt", "reference": RATE, "erased": RATE}]`` in the set's prompt order (a list: metrics.json
     sorts its keys)."""
@@ -396,10 +403,13 @@ def evaluate(
             ea = readers["oracle"].adherence(era_used, lay["prompts"][:used])
             per_sample["adherence_reference"] = [bool(x) for x in ra]
             per_sample["adherence_erased"] = [bool(x) for x in ea]
-            figures["prompt_adherence"] = {"reference": M.rate_summary(ra, config.confidence),
-                                           "erased": M.rate_summary(ea, config.confidence),
-                                           "drop": M.paired_rate_drop(ra, ea, bseed, config.bootstrap,
-                                                                      config.confidence)}
+            figures["prompt_adherence"] = _paired_rates(ra, ea, bseed, config)
+            (asked, rb), (_, eb) = (readers["oracle"].background_adherence(images, lay["prompts"][:used])
+                                    for images in (ref_used, era_used))
+            if asked.any():  # the asked background alone, over the prompts that ask for one
+                per_sample["background_reference"] = [bool(x) for x in rb]
+                per_sample["background_erased"] = [bool(x) for x in eb]
+                figures["background_adherence"] = _paired_rates(rb[asked], eb[asked], bseed, config)
         figures["sampling_s"] = round(time.perf_counter() - t0, 2)
         sets[set_name] = figures
         samples[set_name] = per_sample

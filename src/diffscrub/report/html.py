@@ -409,10 +409,12 @@ def metrics_tables(metrics: dict) -> str:
             primary = " (primary)" if fig.get("concept_rate", {}).get("reader") == reader else ""
             rows.append(f'<tr><td>{_e(set_name)}</td><td>concept rate, {_e(reader)}{primary}</td>'
                         f'{_rate_cell(r["reference"])}{_rate_cell(r["erased"])}{_drop_cell(r.get("drop"))}</tr>')
-        pa = fig.get("prompt_adherence")
-        if pa:
-            rows.append(f'<tr><td>{_e(set_name)}</td><td>prompt adherence (oracle)</td>'
-                        f'{_rate_cell(pa["reference"])}{_rate_cell(pa["erased"])}{_drop_cell(pa.get("drop"))}</tr>')
+        for key, label in (("prompt_adherence", "prompt adherence (oracle)"),
+                           ("background_adherence", "asked background (oracle)")):
+            pa = fig.get(key)
+            if pa:
+                rows.append(f'<tr><td>{_e(set_name)}</td><td>{label}</td>'
+                            f'{_rate_cell(pa["reference"])}{_rate_cell(pa["erased"])}{_drop_cell(pa.get("drop"))}</tr>')
         ch = fig.get("preservation") or fig.get("change")
         if ch:
             label = "preservation" if "preservation" in fig else "change"
