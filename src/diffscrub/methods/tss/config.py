@@ -41,7 +41,8 @@ class TSSConfig:
                                "null-prompt samples; one drawn per forget image and step), in image areas of extra "
                                "surround; > 0 for a concept that is the background (a texture, a style), whose own "
                                "surround is the concept")
-    snr_gamma: float = option(5.0, "upper clip of the clean-target forget loss's weight clamp(SNR(t), snr_floor, gamma)")
+    snr_gamma: float = option(5.0, "upper clip of the clean-target forget loss's weight clamp(SNR(t), snr_floor, gamma) "
+                              "(and of the keep terms' with keep_weight clean)")
     snr_floor: float = option(1.0, "lower clip of that weight: high t, where the content is decided, keeps at least "
                               "this weight (0: the prediction-space scale, which fades there)")
     keep_weight: str = option(
