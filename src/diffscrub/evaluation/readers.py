@@ -110,33 +110,34 @@ class OracleReader:
         return (pred["background"] == self.background), pred["background_probs"][:, self.background].float()
 
     @torch.no_grad()
-    def adherence(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        """Bool ``[N]``: the oracle finds every digit the prompt asked for and the asked background."""
+    def read_prompts(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """What one oracle pass says of each sample against its prompt, bool ``[N]`` each: ``adherent`` (every
+        asked digit and the asked background found), ``background_asked`` (the prompt asks for a background) and
+        ``background_found`` (that one is found). Why the background apart: a model that ignores which digit is
+        asked for (toy-mmdit) reads near 0 adherent whatever an erasure does, while the background it draws can
+        still be lost."""
         from ..toy.canvas import BACKGROUNDS, parse_caption
 
         pred = self.oracle.predict(images)
-        ok = []
+        adherent, asked, found = [], [], []
         for i, prompt in enumerate(prompts):
             digits, bg = parse_caption(prompt)
-            good = all(bool(pred["digits"][i, d]) for d in digits)
-            if bg is not None:
-                good = good and int(pred["background"][i]) == BACKGROUNDS.index(bg)
-            ok.append(good)
-        return torch.tensor(ok, dtype=torch.bool)
+            bg_found = bg is not None and int(pred["background"][i]) == BACKGROUNDS.index(bg)
+            adherent.append(all(bool(pred["digits"][i, d]) for d in digits) and (bg is None or bg_found))
+            asked.append(bg is not None)
+            found.append(bg_found)
+        return {key: torch.tensor(values, dtype=torch.bool) for key, values in
+                (("adherent", adherent), ("background_asked", asked), ("background_found", found))}
 
-    @torch.no_grad()
+    def adherence(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """Bool ``[N]``: the oracle finds every digit the prompt asked for and the asked background."""
+        return self.read_prompts(images, prompts)["adherent"]
+
     def background_adherence(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(asked [N], found [N])``, bool: whether the prompt asks for a background, and whether the oracle
-        finds that one. Why apart from :meth:`adherence`: a model that ignores which digit is asked for (toy-mmdit)
-        reads near 0 there whatever an erasure does, while the background it draws can still be lost."""
-        from ..toy.canvas import BACKGROUNDS, parse_caption
-
-        shown = self.oracle.predict(images)["background"]
-        wanted = [parse_caption(prompt)[1] for prompt in prompts]
-        asked = torch.tensor([bg is not None for bg in wanted], dtype=torch.bool)
-        found = torch.tensor([bg is not None and int(shown[i]) == BACKGROUNDS.index(bg) for i, bg in enumerate(wanted)],
-                             dtype=torch.bool)
-        return asked, found
+        finds that one."""
+        reading = self.read_prompts(images, prompts)
+        return reading["background_asked"], reading["background_found"]
 
 
 def read_run_record(folder: str | pathlib.Path) -> dict:

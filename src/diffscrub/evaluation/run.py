@@ -399,17 +399,17 @@ def evaluate(
 
         # prompt adherence (toy, other prompts)
         if "oracle" in readers and set_name == "other":
-            ra = readers["oracle"].adherence(ref_used, lay["prompts"][:used])
-            ea = readers["oracle"].adherence(era_used, lay["prompts"][:used])
-            per_sample["adherence_reference"] = [bool(x) for x in ra]
-            per_sample["adherence_erased"] = [bool(x) for x in ea]
-            figures["prompt_adherence"] = _paired_rates(ra, ea, bseed, config)
-            (asked, rb), (_, eb) = (readers["oracle"].background_adherence(images, lay["prompts"][:used])
-                                    for images in (ref_used, era_used))
+            ref, era = (readers["oracle"].read_prompts(images, lay["prompts"][:used])
+                        for images in (ref_used, era_used))  # one oracle pass per model
+            per_sample["adherence_reference"] = [bool(x) for x in ref["adherent"]]
+            per_sample["adherence_erased"] = [bool(x) for x in era["adherent"]]
+            figures["prompt_adherence"] = _paired_rates(ref["adherent"], era["adherent"], bseed, config)
+            asked = ref["background_asked"]
             if asked.any():  # the asked background alone, over the prompts that ask for one
-                per_sample["background_reference"] = [bool(x) for x in rb]
-                per_sample["background_erased"] = [bool(x) for x in eb]
-                figures["background_adherence"] = _paired_rates(rb[asked], eb[asked], bseed, config)
+                per_sample["background_reference"] = [bool(x) for x in ref["background_found"]]
+                per_sample["background_erased"] = [bool(x) for x in era["background_found"]]
+                figures["background_adherence"] = _paired_rates(ref["background_found"][asked],
+                                                                era["background_found"][asked], bseed, config)
         figures["sampling_s"] = round(time.perf_counter() - t0, 2)
         sets[set_name] = figures
         samples[set_name] = per_sample
