@@ -212,7 +212,7 @@ def cmd_bench(ns) -> int:
     extra += [f"--batch-size={ns.batch_size}"] if ns.batch_size is not None else []
     extra += shlex.split(ns.erase_args or "")
     run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
-              n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra, then=ns.then,
+              n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra, then=ns.then, sample_cache=ns.sample_cache,
               log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
     print((__import__("pathlib").Path(ns.out) / "bench.txt").read_text(), end="")
     return 0
@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
     p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
+    p.add_argument("--sample-cache", default=None, metavar="DIR",
+                   help="keep every model's samples here, by its files' contents, prompts, seeds and settings, so "
+                        "later runs sample the unchanged original and retrained models from it")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(_run=cmd_bench)

@@ -88,12 +88,17 @@ def format_table(rows: list[dict], concept: str) -> str:
 def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
               retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
               set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
-              then: list[str] | None = None, log=print) -> dict:
+              then: list[str] | None = None, sample_cache: str | None = None, log=print) -> dict:
     """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``.
 
     ``then``: later passes for every method (each a string of erase flags, as ``erase --then``); the
-    row's wall time covers all passes and its peak memory is the highest of them."""
+    row's wall time covers all passes and its peak memory is the highest of them.
+    ``sample_cache``: a folder that keeps every model's samples by its files' contents, prompts, seeds
+    and sampler settings; the original and the retrained model are then sampled once, here and in later
+    runs (a sweep over erase seeds samples only the erased models). Without it they are still sampled
+    once per run."""
     from ..evaluation import EvalConfig, evaluate
+    from ..evaluation.cache import SampleCache
     from ..evaluation.readers import has_prototypes
     from ..methods import METHODS
     from ..toy.canvas import check_concept
@@ -105,6 +110,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         METHODS.get(m)
     # before anything is erased or written: a wrong --retrained is a one-line error, not one after the runs
     retrained_folder = _retrained_folder(model, concept, retrained)
+    cache = SampleCache(sample_cache)
     out_path = check_output_dir(out, overwrite=overwrite)
     if out_path.exists() and overwrite:
         import shutil
@@ -121,7 +127,8 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
                                       toy_concept=concept, out=str(out_path / f"eval-{name}"), n=n, n_null=n_null,
                                       max_prompts=max_prompts, device="cpu", quiet=True,
                                       # only TSS runs leave prototypes for the detector
-                                      artifacts=str(folder) if has_prototypes(folder) else None))
+                                      artifacts=str(folder) if has_prototypes(folder) else None),
+                           sample_cache=cache)
         evals[name] = metrics
         return metrics
 
@@ -152,6 +159,8 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
     else:
         log(f"no retrained model for {concept!r}: pass --retrained DIR (from `diffscrub toy train --exclude {concept}`)")
     table = format_table(rows, concept)
+    log(f"sample cache: {cache.hits} sampling calls read back, {cache.misses} drawn"
+        + (f" (kept in {cache.root})" if cache.root else ""))
     write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
                                          "erase_args": list(extra_args or []), "then": list(then or []),
                                          "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})

@@ -44,6 +44,9 @@ class EvalConfig:
     fd_bootstrap: int = option(200, "bootstrap resamples for the Fréchet distance interval (each one is a full distance)")
     confidence: float = option(0.95, "two-sided confidence level of every interval")
     grid_cell: int = option(64, "largest side in pixels of one image in the PNG grids")
+    sample_cache: str | None = option(None, "folder that keeps each model's samples by its files' contents, prompts, "
+                                      "seeds and sampler settings: a model evaluated again (the reference, most often) "
+                                      "is read back, not sampled (local folders or files only)")
     overwrite: bool = option(False, "replace a non-empty --out folder")
     allow_pickle: bool = option(False, "allow pickle checkpoints (they can run arbitrary code)")
     quiet: bool = option(False, "no progress messages")

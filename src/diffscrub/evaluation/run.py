@@ -133,6 +133,8 @@ def preflight(config: EvalConfig, *, library: bool = False) -> PromptSets:
     scan_image_folder(config.forget, name="forget")
     if config.retain:
         scan_image_folder(config.retain, name="retain")
+    if config.sample_cache and pathlib.Path(config.sample_cache).is_file():
+        raise InputError(f"--sample-cache '{config.sample_cache}' is a file: pass a folder (it is made if missing)")
     if not library:
         check_model_arg(config.model, allow_pickle=config.allow_pickle)
         check_model_arg(config.reference, allow_pickle=config.allow_pickle)
@@ -166,6 +168,7 @@ def evaluate(
     *,
     oracle=None,
     feature_extractor: torch.nn.Module | None = None,
+    sample_cache=None,
 ) -> dict:
     """Evaluate an erased pipeline against its reference; write ``config.out``; return the metrics dict.
 
@@ -179,6 +182,11 @@ def evaluate(
         feature_extractor: an ``nn.Module`` for the Fréchet distance (float images in [0, 1] to
             ``[N, D]``, with ``num_features``); default: the oracle's features on the toy world,
             else Inception if its weights are on this machine.
+        sample_cache: a :class:`~diffscrub.evaluation.cache.SampleCache` (default: one on
+            ``config.sample_cache`` when that is set): a model given by its folder
+            (``config.model`` / ``config.reference``) is read from it where it was sampled before on the
+            same prompts, seeds and settings, and what is drawn is put in it. Pipelines passed in are
+            always sampled.
 
     Returns:
         The dict written to ``metrics.json`` (see docs/metrics-schema.md).
@@ -208,6 +216,7 @@ def evaluate(
     from ..core.trainer import pick_device
 
     device = pick_device(config.device)
+    pipe_given, ref_given = pipe is not None, reference_pipe is not None
     if pipe is None or reference_pipe is None:
         from ..loading import load_pipeline
 
@@ -311,11 +320,38 @@ def evaluate(
     # model through its pipeline's sampler with the evaluation's steps and guidance.
     era_one_step, ref_one_step = one_step_timestep(config.model), one_step_timestep(config.reference)
 
-    def sample(which_pipe, timestep: int | None, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    identities = {}
+    if sample_cache is None and config.sample_cache:
+        from .cache import SampleCache
+
+        sample_cache = SampleCache(config.sample_cache)
+    if sample_cache is not None:
+        from ..loading import resolve_model
+        from .cache import folder_identity
+
+        for side, name, given in (("erased", config.model, pipe_given), ("reference", config.reference, ref_given)):
+            path = pathlib.Path(resolve_model(name)) if name and not given else None
+            if path is not None and path.exists():
+                identities[side] = folder_identity(path)
+
+    def sample(side: str, which_pipe, timestep: int | None, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        key = None
+        if side in identities:
+            from .cache import sample_key
+
+            key = sample_key(identities[side], prompts, seeds, steps=config.steps, guidance=guidance, height=height,
+                             width=width, one_step=timestep)
+            cached = sample_cache.get(key)
+            if cached is not None:
+                return cached
         size = {"height": height, "width": width, "batch_size": config.batch_size}
         if timestep is not None:
-            return sample_one_step(which_pipe, prompts, seeds, timestep=timestep, **size)
-        return sample_images(which_pipe, prompts, seeds, steps=config.steps, guidance=guidance, **size)
+            images = sample_one_step(which_pipe, prompts, seeds, timestep=timestep, **size)
+        else:
+            images = sample_images(which_pipe, prompts, seeds, steps=config.steps, guidance=guidance, **size)
+        if key is not None:
+            sample_cache.put(key, images)
+        return images
 
     out_dir_files: dict[str, Any] = {}
     sets: dict[str, dict] = {}
@@ -329,8 +365,8 @@ def evaluate(
         lay = _layout(set_name, prompts, config)
         t0 = time.perf_counter()
         _log(config, f"sampling {set_name}: {len(lay['seeds'])} samples x 2 models")
-        ref_images = sample(reference_pipe, ref_one_step, lay["prompts"], lay["seeds"])
-        era_images = sample(pipe, era_one_step, lay["prompts"], lay["seeds"])
+        ref_images = sample("reference", reference_pipe, ref_one_step, lay["prompts"], lay["seeds"])
+        era_images = sample("erased", pipe, era_one_step, lay["prompts"], lay["seeds"])
         n_total = len(lay["seeds"])
         if set_name == "null":  # keep exactly n_null samples for the figures (the grid shows full rows)
             ref_used, era_used, used = ref_images[:config.n_null], era_images[:config.n_null], config.n_null
