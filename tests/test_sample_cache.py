@@ -52,6 +52,24 @@ def test_cache_round_trip_on_disk(tmp_path):
     assert SampleCache(tmp_path / "c").get("k") is None  # an unreadable entry is drawn again
 
 
+def test_cache_keeps_one_copy_where_it_stores(tmp_path):
+    """Without a folder the images live in memory, safe from the caller on both sides; with one they live
+    only on disk (a run's full-size samples would otherwise stay resident), so a removed file is a miss."""
+    images = torch.rand(2, 3, 8, 8)
+    memory = SampleCache()
+    memory.put("k", images)
+    kept = images.clone()
+    images.zero_()  # the caller's tensor changes after put
+    got = memory.get("k")
+    assert torch.equal(got, kept)
+    got.zero_()  # and the copy it got back
+    assert torch.equal(memory.get("k"), kept) and memory.hits == 2
+    disk = SampleCache(tmp_path / "c")
+    disk.put("k", kept)
+    (tmp_path / "c" / "k.safetensors").unlink()
+    assert disk.get("k") is None and disk.misses == 1
+
+
 def test_cache_folder_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(InputError, match="'.*f' is a file: pass a folder"):

@@ -47,10 +47,11 @@ def sample_key(model_identity: str, prompts: list[str], seeds: list[int], **sett
 
 
 class SampleCache:
-    """Images ``[N, 3, H, W]`` in [0, 1] by :func:`sample_key`: in memory, and under ``root`` when given.
+    """Images ``[N, 3, H, W]`` in [0, 1] by :func:`sample_key`: under ``root`` when given, else in memory.
 
-    Files are written to a temporary name and renamed, so a run killed while writing leaves no half
-    file for the next one to read."""
+    With a folder nothing is held in memory: a run's samples of full-size images would otherwise stay
+    resident until it ends (1,000 samples at 1024 px are 12 GB in float32). Files are written to a
+    temporary name and renamed, so a run killed while writing leaves no half file for the next one to read."""
 
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = pathlib.Path(root) if root is not None else None
@@ -65,26 +66,29 @@ class SampleCache:
         return self.root / f"{key}.safetensors"
 
     def get(self, key: str) -> torch.Tensor | None:
-        images = self._memory.get(key)
-        if images is None and self.root is not None and self._file(key).is_file():
+        """A copy of the images kept under ``key`` (the caller may change it), or None."""
+        images = None
+        if self.root is None:
+            images = self._memory.get(key)
+            images = None if images is None else images.clone()
+        elif self._file(key).is_file():
             from safetensors.torch import load_file
 
             try:
                 images = load_file(str(self._file(key)))["images"]
             except Exception:  # an unreadable entry is a miss: it is drawn again and rewritten
                 images = None
-            if images is not None:
-                self._memory[key] = images
         if images is None:
             self.misses += 1
             return None
         self.hits += 1
-        return images.clone()
+        return images
 
     def put(self, key: str, images: torch.Tensor) -> None:
         images = images.detach().cpu().contiguous()
-        self._memory[key] = images
-        if self.root is not None:
+        if self.root is None:
+            self._memory[key] = images.clone()
+        else:
             from safetensors.torch import save_file
 
             tmp = self._file(key).with_suffix(f".tmp{os.getpid()}")
