@@ -756,7 +756,7 @@ def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, m
     monkeypatch.setattr(inversion, "rank_by_fit", fit)
     cfg = EraseConfig(model="sd3", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
                       batch_size=2, quiet=True, device="cpu", inversion_steps=2, inversion_rerank=3,
-                      inversion_words=2, random_contexts=4)
+                      inversion_words=2, random_contexts=4, random_context_words=1)
     run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16}, pipe=build_tiny_pipeline("sd3"),
                     log=lambda m: None)
     logged = []
@@ -771,6 +771,7 @@ def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, m
     # filled template's neutral form is the template without the name
     drawn, name = record["random_contexts"], candidates[-1]
     assert len(drawn) == 4 and run.ctx.contexts == ["{}", *drawn]
+    assert all(len(c.split()) == 2 for c in drawn)  # --random-context-words 1: one word beside the name
     assert all(name.lower() not in c.lower().split() for c in drawn) and any(repr(drawn[0]) in line for line in logged)
     cond = run.ctx.cond
     for template in drawn:
@@ -894,6 +895,10 @@ def test_random_contexts_are_distinct_nameless_and_seeded():
     assert drawn == random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(0))
     assert drawn != random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(1))
     assert sorted(random_contexts(["x", "brick"], ["brick"], 5, torch.Generator().manual_seed(0))) == ["x {}", "{} x"]
+    # max_words: up to that many words beside the name, and longer ones are drawn (lengths 1-5 here)
+    longer = random_contexts(words, ["BRICK"], 12, torch.Generator().manual_seed(0), max_words=5)
+    lengths = [len(t.split()) - 1 for t in longer]
+    assert max(lengths) > 3 and min(lengths) >= 1 and max(lengths) <= 5
     assert sorted(random_contexts(["x", "red", "brick"], ["red brick"], 5, torch.Generator().manual_seed(0))) == [
         "x {}", "{} x"]
 
@@ -1186,6 +1191,7 @@ def test_boolean_defaults_can_be_turned_off(tmp_path):
     ({"stepz": 3}, "unknown key 'stepz'"),
     ({"steps": "many"}, "steps='many' has the wrong type"),
     ({"steps": 0}, "steps=0 is out of range"),
+    ({"random_context_words": 0}, "random_context_words=0 is out of range"),
     ({"trainable": "lora"}, "--lora-rank"),
     ({"device": "tpu"}, "device='tpu' is not valid"),
     ({"name_contexts": ["on grass"]}, "exactly one '{}'"),

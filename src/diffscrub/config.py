@@ -208,9 +208,12 @@ class EraseConfig:
                                       "e.g. '{},{} on grass'); a filled template's neutral form is the template "
                                       "without the name")
     random_contexts: int = option(0, "this many more name templates, drawn from the first tokenizer's vocabulary "
-                                  "per run: the name among 1 to 3 whole words, at a random place ('q {} 4 on'), never "
+                                  "per run: the name among 1 to --random-context-words whole words, at a random place ('q {} 4 on'), never "
                                   "beside one of its own names. Prompts name a concept among other words; a student "
                                   "trained on the name alone may still draw it there (toy-mmdit: '5 and 9 on brick')")
+    random_context_words: int = option(3, "the most words around the name in a --random-contexts template (each "
+                                       "template draws 1 to this many); prompts that put the name after several "
+                                       "words ('3 and 7 on brick') are held by the longer ones")
     names: list[str] = option([], "the concept's names when you know them (comma-separated, e.g. '7,seven'): they take "
                               "the place of the words textual inversion finds, in every --name-contexts template, and "
                               "no inversion runs (also for a second pass over a model already erased, where the "
@@ -255,6 +258,7 @@ class EraseConfig:
         check_range("inversion_rerank", self.inversion_rerank, 0)
         check_range("name_words", self.name_words, 0)
         check_range("random_contexts", self.random_contexts, 0)
+        check_range("random_context_words", self.random_context_words, 1)
         for template in self.name_contexts:
             if template.count("{}") != 1 or template.replace("{}", "").count("{") or template.count("}") != 1:
                 raise ConfigError(f"name context {template!r} must hold exactly one '{{}}' where the name goes "

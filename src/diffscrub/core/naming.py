@@ -47,7 +47,8 @@ def _context_drawer(run: Run):
 
     def draw(names: list[str]) -> list[str]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=run.ctx.generator))
-        return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed))
+        return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed),
+                               max_words=run.config.random_context_words)
 
     return draw
 
