@@ -779,6 +779,39 @@ def test_inversion_rerank_orders_every_encoders_nearest_words_by_fit(tmp_path, m
         assert cond.prompts[cond.neutral[cond.prompts.index(filled)]] == " ".join(template.format("").split())
 
 
+@pytest.mark.parametrize("leave_out", [False, True])
+def test_leave_out_candidates_keeps_every_weighed_word_out_of_draws(tmp_path, monkeypatch, leave_out):
+    """--leave-out-candidates: no drawn template and no vocabulary anchor holds a word the inversion weighed as a
+    name (every re-ranked candidate), not only the chosen name; without it those words are drawn like any other
+    (the case where a wrongly chosen name let the concept's own word into the anchors)."""
+    import diffscrub.concept.inversion as inversion
+    from diffscrub.core.naming import add_vocab_anchors, name_concept
+    from diffscrub.core.trainer import setup_run
+    from tiny_pipelines import build_tiny_pipeline
+
+    monkeypatch.setattr(inversion, "rank_by_fit", lambda ctx, words, **kw: [(w, -0.01) for w in words])
+    cfg = EraseConfig(model="sd3", forget=str(_images(tmp_path / "f")), out=str(tmp_path / "o"), steps=1,
+                      batch_size=2, quiet=True, device="cpu", inversion_steps=2, inversion_rerank=6,
+                      inversion_words=1, random_contexts=20, leave_out_candidates=leave_out)
+    run = setup_run(cfg, {"num_prototypes": 2, "vectors_per_image": 16, "vocab_anchors": 30},
+                    pipe=build_tiny_pipeline("sd3"), log=lambda m: None)
+    record = name_concept(run, log=lambda m: None)
+    weighed = {w.lower() for w, _ in record["word_fit"]}
+    name = record["nearest_words"][0].lower()
+    anchors = add_vocab_anchors(run, log=lambda m: None)
+    drawn_words = {w.lower() for c in record["random_contexts"] for w in c.split() if w != "{}"}
+    cond = run.ctx.cond
+    anchor_words = {w.lower() for p in cond.prompts[cond.pool_size:] for w in p.split()}
+    assert len(weighed) > 3 and name not in drawn_words | anchor_words  # the chosen name: always left out
+    others = weighed - {name}
+    if leave_out:
+        assert not others & (drawn_words | anchor_words)
+        assert record["left_out_candidates"] == [w for w, _ in record["word_fit"]]
+        assert {w.lower() for w in anchors["left_out"]} >= weighed
+    else:
+        assert others & (drawn_words | anchor_words) and "left_out_candidates" not in record
+
+
 def test_name_samples_join_the_forget_set(tmp_path, monkeypatch):
     """--name-samples: the model draws the prompts that name the concept (round robin, in chunks of the batch,
     no placeholder); their latents join the forget set and its epochs, and a checkpoint brings them back."""

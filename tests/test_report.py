@@ -206,6 +206,11 @@ def test_report_says_what_the_concept_was_taken_to_be(run_dir):
     (run_dir / "diffscrub.json").write_text(json.dumps(record))
     concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
     assert "2 templates drawn from the vocabulary (--random-contexts)" in concept and "q {} 4" in concept
+    assert "--leave-out-candidates" not in concept
+    record["conditioning"]["left_out_candidates"] = ["two", "brick"]
+    (run_dir / "diffscrub.json").write_text(json.dumps(record))
+    concept = render_report(run_dir).split("<h2>The concept</h2>")[1].split("<h2>")[0]
+    assert "(--leave-out-candidates): <b>two</b>, <b>brick</b>" in concept
 
 
 def test_overlay_marks_the_mask_red(run_dir):

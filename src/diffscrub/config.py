@@ -211,6 +211,11 @@ class EraseConfig:
                                   "per run: the name among 1 to --random-context-words whole words, at a random place ('q {} 4 on'), never "
                                   "beside one of its own names. Prompts name a concept among other words; a student "
                                   "trained on the name alone may still draw it there (toy-mmdit: '5 and 9 on brick')")
+    leave_out_candidates: bool = option(False, "leave every word textual inversion weighed as a name (its nearest "
+                                        "words, or all the --inversion-rerank candidates) out of the --random-contexts "
+                                        "templates and the vocabulary anchors, not only the names it chose: when the "
+                                        "chosen name is not the concept's, a template or anchor holding the concept's "
+                                        "word would teach the student to keep drawing it")
     random_context_words: int = option(3, "the most words around the name in a --random-contexts template (each "
                                        "template draws 1 to this many); prompts that put the name after several "
                                        "words ('3 and 7 on brick') are held by the longer ones")

@@ -154,8 +154,9 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
     background is carried by the T5's sequence, and the first CLIP's nearest words to brick's placeholder were
     "b, m, l".
 
-    ``more_contexts(names) -> templates``: name templates to add once the names are known (``--random-contexts``
-    draws them without the names).
+    ``more_contexts(names, weighed) -> templates``: name templates to add once the names are known
+    (``--random-contexts`` draws them without the names; ``weighed`` is every word considered as a name, best
+    first: the re-ranked candidates, else the nearest words).
 
     Returns ``None`` for families without a text encoder (DiT). ``ctx`` is the run's
     :class:`~diffscrub.core.context.ErasureContext`; the teacher is used, nothing trains but the
@@ -228,7 +229,8 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
             words = list(fit)[:num_words]
         else:
             words = nearest_in(*pairs[0], num_words)
-        contexts = list(contexts) + (list(more_contexts(words[:name_words])) if more_contexts else [])
+        weighed = list(fit) or list(words)
+        contexts = list(contexts) + (list(more_contexts(words[:name_words], weighed)) if more_contexts else [])
         prompts, neutral = name_prompts(words, name_words, contexts, list(pool))
         with torch.no_grad():
             cond = adapter.encode_prompts(prompts, ctx.image_hw).to(ctx.device)

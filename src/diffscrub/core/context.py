@@ -146,6 +146,9 @@ class ErasureContext:
     #: the name templates as this run uses them (``--name-contexts``, then the ``--random-contexts`` drawn); set
     #: when Phase 1 names the concept, empty when it does not.
     contexts: list[str] = field(default_factory=list)
+    #: with ``--leave-out-candidates``: every word the inversion weighed as a name (its nearest words, or all the
+    #: ``--inversion-rerank`` candidates), which vocabulary draws leave out beside ``names``; else empty.
+    suspects: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         self.forget_sampler = BatchSampler(len(self.forget), self.generator)

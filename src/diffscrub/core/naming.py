@@ -45,8 +45,10 @@ def _context_drawer(run: Run):
         return None
     tokenizer = getattr(run.adapter.pipe, run.adapter.loaded_text_encoder_pairs()[0][0])
 
-    def draw(names: list[str]) -> list[str]:
+    def draw(names: list[str], weighed: list[str] = ()) -> list[str]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=run.ctx.generator))
+        if run.config.leave_out_candidates:
+            names = list(dict.fromkeys([*names, *weighed]))
         return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed),
                                max_words=run.config.random_context_words)
 
@@ -111,6 +113,9 @@ def name_concept(run: Run, log) -> dict | None:
         record["word_fit"] = [[word, change] for word, change in result.fit.items()]
     record.update(_drawn_contexts(config, result.contexts, log))
     ctx.names, ctx.contexts = concept_names(record, config.name_words), result.contexts
+    if config.leave_out_candidates:
+        ctx.suspects = list(result.fit) or list(result.nearest)
+        record["left_out_candidates"] = ctx.suspects
     return record
 
 
@@ -186,12 +191,13 @@ def add_vocab_anchors(run: Run, log) -> dict | None:
     contexts = ctx.contexts or list(config.name_contexts)
     kept = kept_prompts(keep_words, contexts)
     words = vocabulary_words(getattr(run.adapter.pipe, pairs[0][0]))
-    candidates = anchor_prompts(words, names + keep_words, contexts,
+    left = list(dict.fromkeys([*names, *ctx.suspects]))  # the chosen names, and with the flag every word weighed
+    candidates = anchor_prompts(words, left + keep_words, contexts,
                                 max(wanted, int(getattr(method_config, "vocab_candidates", wanted))),
                                 torch.Generator().manual_seed(seed)) if wanted > 0 else []
     if not candidates and not kept:
         return None
-    figures = {"candidates": len(candidates), "left_out": names}
+    figures = {"candidates": len(candidates), "left_out": left}
     if kept:
         figures["kept_words"] = keep_words
     with torch.no_grad():  # encoded once: the effects are read under these, and the kept ones are taken from them

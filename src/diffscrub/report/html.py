@@ -309,6 +309,9 @@ def concept_section(record: dict) -> str:
     if cond.get("random_contexts"):
         parts.append(f"<p>The names also went in {len(cond['random_contexts'])} templates drawn from the vocabulary "
                      f"(--random-contexts): {_codes(cond['random_contexts'])}.</p>")
+    if cond.get("left_out_candidates"):
+        parts.append("<p>Every word the inversion weighed as a name was left out of the drawn templates and anchors "
+                     f"(--leave-out-candidates): {_words(cond['left_out_candidates'])}.</p>")
     drawn = cond.get("name_samples")
     if drawn:
         parts.append(f"<p>The model drew {int(drawn['count'])} images of {_codes(drawn.get('prompts', []))} "
