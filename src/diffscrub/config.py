@@ -208,17 +208,18 @@ class EraseConfig:
                                       "e.g. '{},{} on grass'); a filled template's neutral form is the template "
                                       "without the name")
     random_contexts: int = option(0, "this many more name templates, drawn from the first tokenizer's vocabulary "
-                                  "per run: the name among 1 to --random-context-words whole words, at a random place ('q {} 4 on'), never "
-                                  "beside one of its own names. Prompts name a concept among other words; a student "
+                                  "per run: the name among 1 to --random-context-words whole words, at a random "
+                                  "place ('q {} 4 on'), never beside one of its own names. Prompts name a concept among other words; a student "
                                   "trained on the name alone may still draw it there (toy-mmdit: '5 and 9 on brick')")
+    random_context_words: int = option(3, "the most words around the name in a --random-contexts template (each "
+                                       "template draws 1 to this many), for prompts that put the name after "
+                                       "several words ('3 and 7 on brick'; on toy-mmdit 5 did not hold those better "
+                                       "than 3)")
     leave_out_candidates: bool = option(False, "leave every word textual inversion weighed as a name (its nearest "
                                         "words, or all the --inversion-rerank candidates) out of the --random-contexts "
                                         "templates and the vocabulary anchors, not only the names it chose: when the "
                                         "chosen name is not the concept's, a template or anchor holding the concept's "
                                         "word would teach the student to keep drawing it")
-    random_context_words: int = option(3, "the most words around the name in a --random-contexts template (each "
-                                       "template draws 1 to this many); prompts that put the name after several "
-                                       "words ('3 and 7 on brick') are held by the longer ones")
     names: list[str] = option([], "the concept's names when you know them (comma-separated, e.g. '7,seven'): they take "
                               "the place of the words textual inversion finds, in every --name-contexts template, and "
                               "no inversion runs (also for a second pass over a model already erased, where the "

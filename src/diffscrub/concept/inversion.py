@@ -37,6 +37,8 @@ class InversionResult:
     fit: dict[str, float] = field(default_factory=dict)
     #: the name templates the prompts were built from (``contexts``, then those ``more_contexts`` gave)
     contexts: list[str] = field(default_factory=list)
+    #: every word considered as a name, best first: the re-ranked candidates, else the nearest words
+    weighed: list[str] = field(default_factory=list)
 
 
 def _word_of(token: str) -> str | None:
@@ -235,7 +237,7 @@ def invert_concept(ctx, *, steps: int = 100, lr: float = 5e-3, batch_size: int =
         with torch.no_grad():
             cond = adapter.encode_prompts(prompts, ctx.image_hw).to(ctx.device)
         return InversionResult(nearest=words, prompts=prompts, losses=losses, conditioning=cond, neutral=neutral,
-                               fit=fit, contexts=contexts)
+                               fit=fit, contexts=contexts, weighed=weighed)
     finally:
         # 4. Restore the user's tokenizers and embedding tables exactly.
         for h in hooks:

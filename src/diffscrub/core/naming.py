@@ -48,7 +48,7 @@ def _context_drawer(run: Run):
     def draw(names: list[str], weighed: list[str] = ()) -> list[str]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=run.ctx.generator))
         if run.config.leave_out_candidates:
-            names = list(dict.fromkeys([*names, *weighed]))
+            names = [*names, *weighed]  # random_contexts leaves out a set of them
         return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed),
                                max_words=run.config.random_context_words)
 
@@ -114,7 +114,7 @@ def name_concept(run: Run, log) -> dict | None:
     record.update(_drawn_contexts(config, result.contexts, log))
     ctx.names, ctx.contexts = concept_names(record, config.name_words), result.contexts
     if config.leave_out_candidates:
-        ctx.suspects = list(result.fit) or list(result.nearest)
+        ctx.suspects = list(result.weighed)
         record["left_out_candidates"] = ctx.suspects
     return record
 
