@@ -209,8 +209,9 @@ class EraseConfig:
                                       "without the name")
     random_contexts: int = option(0, "this many more name templates, drawn from the first tokenizer's vocabulary "
                                   "per run: the name among 1 to --random-context-words whole words, at a random "
-                                  "place ('q {} 4 on'), never beside one of its own names. Prompts name a concept among other words; a student "
-                                  "trained on the name alone may still draw it there (toy-mmdit: '5 and 9 on brick')")
+                                  "place ('q {} 4 on'), never beside one of its own names. Prompts name a concept "
+                                  "among other words; a student trained on the name alone may still draw it there "
+                                  "(toy-mmdit: '5 and 9 on brick')")
     random_context_words: int = option(3, "the most words around the name in a --random-contexts template (each "
                                        "template draws 1 to this many), for prompts that put the name after "
                                        "several words ('3 and 7 on brick'; on toy-mmdit 5 did not hold those better "
