@@ -35,6 +35,12 @@ def word_named_indices(cond: Conditioning) -> list[int]:
     return [i for i in cond.named_indices() if PLACEHOLDER not in cond.prompts[i]]
 
 
+def _suspects(config, weighed) -> list[str]:
+    """With ``--leave-out-candidates``, every word the inversion weighed as a name (kept out of the drawn templates
+    and the vocabulary anchors, not only the names it chose); without it, none."""
+    return list(weighed) if config.leave_out_candidates else []
+
+
 def _context_drawer(run: Run):
     """``names -> templates``: the run's ``--random-contexts`` templates, drawn from the first tokenizer's
     vocabulary without ``names`` (a generator seeded from the run's, consumed only when the option is on)."""
@@ -47,9 +53,8 @@ def _context_drawer(run: Run):
 
     def draw(names: list[str], weighed: list[str] = ()) -> list[str]:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=run.ctx.generator))
-        if run.config.leave_out_candidates:
-            names = [*names, *weighed]  # random_contexts leaves out a set of them
-        return random_contexts(vocabulary_words(tokenizer), names, wanted, torch.Generator().manual_seed(seed),
+        left_out = [*names, *_suspects(run.config, weighed)]  # random_contexts leaves out a set of them
+        return random_contexts(vocabulary_words(tokenizer), left_out, wanted, torch.Generator().manual_seed(seed),
                                max_words=run.config.random_context_words)
 
     return draw
@@ -113,8 +118,8 @@ def name_concept(run: Run, log) -> dict | None:
         record["word_fit"] = [[word, change] for word, change in result.fit.items()]
     record.update(_drawn_contexts(config, result.contexts, log))
     ctx.names, ctx.contexts = concept_names(record, config.name_words), result.contexts
+    ctx.suspects = _suspects(config, result.weighed)
     if config.leave_out_candidates:
-        ctx.suspects = list(result.weighed)
         record["left_out_candidates"] = ctx.suspects
     return record
 
