@@ -1147,6 +1147,44 @@ def test_tss_blind_prompt_sets_the_teacher_inside_the_mask(blind_prompt, tmp_pat
     assert not torch.equal(blinded, ctx.cond.take(torch.ones(2, dtype=torch.long))["encoder_hidden_states"])
 
 
+@pytest.mark.parametrize("forget_prompts", ["all", "named"])
+def test_tss_forget_prompts_named_draws_only_prompts_naming_the_concept(forget_prompts, tmp_path):
+    """"named" gives the forget term only prompts that name the concept (what a second pass on the names
+    needs: its null prompt and neutral forms erase nothing more); "all" draws the whole pool. A pool
+    without names is refused with the option's name, before training."""
+    from diffscrub.core.trainer import preflight, setup_run
+    from diffscrub.methods.tss import TeacherStudentScrubber, TSSConfig
+    from tiny_pipelines import build_tiny_pipeline
+
+    forget = _images(tmp_path / "f")
+    cfg = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o"), steps=1, batch_size=2, quiet=True,
+                      device="cpu", conditioning="prompts", prompts=["red thing", "on grass"])
+    options = {"num_prototypes": 2, "vectors_per_image": 16, "fit_draws": 1, "mask_draws": 1, "contrastive": False,
+               "forget_prompts": forget_prompts}
+    run = setup_run(cfg, options, pipe=build_tiny_pipeline("sd"), log=lambda m: None)
+    ctx = run.ctx
+    ctx.cond.neutral = [0, 2, 2]  # pool: "", "red thing" (names the concept), "on grass"
+    run.method.prepare(batch_size=2)
+    drawn = torch.cat([run.method._forget_prompt_index(8) for _ in range(16)])
+    assert set(drawn.tolist()) == ({1} if forget_prompts == "named" else {0, 1, 2})
+    # the loss's student call: the forget rows are conditioned on the drawn (named) prompts
+    seen, predict = [], ctx.student_predict
+    ctx.student_predict = lambda z, t, kwargs: seen.append(kwargs["encoder_hidden_states"]) or predict(z, t, kwargs)
+    for step in range(4):
+        run.method.loss(step, 2)
+    named = ctx.cond.take(torch.ones(2, dtype=torch.long))["encoder_hidden_states"]
+    forget_rows = [s[:2] for s in seen]
+    assert all(torch.equal(rows, named) for rows in forget_rows) == (forget_prompts == "named")
+
+    if forget_prompts == "named":
+        ctx.cond.neutral = None  # nothing in the pool names the concept
+        with pytest.raises(ConfigError, match="forget_prompts='named'.*drop --forget-prompts"):
+            run.method.prepare(batch_size=2)
+        plain = EraseConfig(model="sd", forget=str(forget), out=str(tmp_path / "o2"), conditioning="null")
+        with pytest.raises(ConfigError, match="--conditioning null"):
+            preflight(plain, TeacherStudentScrubber, TSSConfig(forget_prompts="named"))
+
+
 def test_conditioning_null_keeps_seed_pool(tmp_path):
     """--conditioning null distils at the null prompt only (the seed's behaviour), and an explicit
     --conditioning inversion on a model without a text encoder is refused."""
@@ -1261,6 +1299,7 @@ def test_config_rejects(values, match):
     ({"fill_prior": 0.5, "blind_fill": "noise"}, "needs --blind-fill surround"),
     ({"fingerprint": "nearest"}, "tss.fingerprint"),
     ({"name_target": "null"}, "tss.name_target"),
+    ({"forget_prompts": "null"}, "tss.forget_prompts"),
     ({"kk": 1}, "unknown key 'kk' in tss"),
 ])
 def test_tss_config_rejects(values, match):

@@ -13,6 +13,7 @@ BLIND_FILLS = ("surround", "contrast", "noise")
 FINGERPRINTS = ("prototypes", "knn", "names")
 NAME_TARGETS = ("keep", "neutral")
 BLIND_PROMPTS = ("null", "keep")
+FORGET_PROMPTS = ("all", "named")
 
 
 @dataclass
@@ -89,6 +90,13 @@ class TSSConfig:
         "prompt, so a prompt naming the concept cannot bring it back) or keep (the prompt --name-target gives the "
         "keep terms: with neutral, the student's prompt with the concept's name taken out, so the region is filled "
         "as that prompt would fill it: '7 on gravel' -> gravel)",
+    )
+    forget_prompts: str = option(
+        "all",
+        "the prompts the forget term draws for forget images: all (every prompt of the conditioning pool, the null "
+        "prompt and the names' neutral forms included) or named (only the prompts that name the concept; the others "
+        "still serve the background and retain terms): for a second pass (--then) whose first pass erased the "
+        "concept without a prompt, so that it erases under the names without erasing the unprompted concept further",
     )
     vocab_anchors: int = option(
         0,
@@ -168,6 +176,7 @@ class TSSConfig:
         self.anchor_words = [w.strip() for w in self.anchor_words if w.strip()]
         check_choice("tss.name_target", self.name_target, NAME_TARGETS)
         check_choice("tss.blind_prompt", self.blind_prompt, BLIND_PROMPTS)
+        check_choice("tss.forget_prompts", self.forget_prompts, FORGET_PROMPTS)
         check_range("tss.knn_area", self.knn_area, 0, 1, low_open=True, high_open=True)
         check_range("tss.names_smooth", self.names_smooth, 0, 1)
         for fingerprint in ("names", "knn"):  # each fingerprint's own threshold

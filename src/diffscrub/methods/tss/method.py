@@ -180,17 +180,31 @@ class TeacherStudentScrubber(Method):
         if config.name_embeddings and conditioning == "null":
             raise ConfigError("tss.name_embeddings learns the embeddings of the concept's names, and --conditioning "
                               "null names nothing: drop --conditioning null, or drop --name-embeddings")
+        if config.forget_prompts == "named" and conditioning == "null":
+            raise ConfigError("tss.forget_prompts='named' draws the forget term's prompts among those naming the "
+                              "concept, and --conditioning null names nothing: drop --conditioning null, or drop "
+                              "--forget-prompts")
         if config.name_embeddings and fsdp:
             raise ConfigError("tss.name_embeddings trains the text encoders' rows beside the denoiser, and --fsdp "
                               "shards the denoiser only: drop --fsdp, or drop --name-embeddings")
 
-    def _naming_prompts(self) -> torch.Tensor:
+    def _naming_prompts(self, option: str = "fingerprint='names'", fix: str = "use --fingerprint knn") -> torch.Tensor:
         """Pool indices ``[K]`` of the prompts that name the concept (their neutral form is another prompt)."""
         named = self.ctx.cond.named_indices()
         if not named:
-            raise ConfigError("tss.fingerprint='names' needs the concept's names and this run has none (the model has "
-                              "no text encoder, or --conditioning null): use --fingerprint knn, or pass --names")
+            raise ConfigError(f"tss.{option} needs the concept's names and this run has none (the model has "
+                              f"no text encoder, or --conditioning null): {fix}, or pass --names")
         return torch.tensor(named, dtype=torch.long)
+
+    def _forget_prompt_index(self, batch: int) -> torch.Tensor:
+        """``[B]`` pool indices of the forget term's prompts: uniform over the pool, or over its named prompts."""
+        if self.config.forget_prompts == "all":
+            return self.ctx.prompt_index(batch)
+        named = self._forget_named()
+        return named[self.ctx.randint(0, len(named), batch)]
+
+    def _forget_named(self) -> torch.Tensor:
+        return self._naming_prompts("forget_prompts='named'", "drop --forget-prompts")
 
     @torch.no_grad()
     def _names_scores(self, cache, index: torch.Tensor, draw: int, named: torch.Tensor) -> torch.Tensor:
@@ -316,6 +330,8 @@ class TeacherStudentScrubber(Method):
             self._fill_prior = self._contrast_cache().mean.float().mean(dim=(2, 3))
         if self.config.blind_fill == "contrast":
             self._contrast_cache()  # drawn now, before training, if no fingerprint needed it
+        if self.config.forget_prompts == "named":  # refused here, before training, when there are no names
+            self._forget_named()
         if self.config.name_embeddings:
             adapter = self.ctx.adapter
             pairs = adapter.loaded_text_encoder_pairs()
@@ -372,7 +388,7 @@ class TeacherStudentScrubber(Method):
         index = ctx.forget_sampler.next(batch_size)
         z0 = ctx.forget.sample(index, ctx.generator).to(ctx.device)  # [B, C, H, W]
         b = z0.shape[0]
-        prompt = ctx.prompt_index(b)  # [B] pool indices
+        prompt = self._forget_prompt_index(b)  # [B] pool indices
         cond = ctx.cond.take(prompt)  # the teacher's; the student's comes from its own pool
         pool = self._student_pool()  # once a step: with name_embeddings it encodes the named prompts
         s_cond = pool.take(prompt)  # the same as cond unless the named prompts were re-encoded
