@@ -189,11 +189,29 @@ def test_read_prompts_file_missing_and_suffix(tmp_path):
 @pytest.mark.parametrize("kwargs, key", [
     ({"n": 0}, "n="), ({"steps": -1}, "steps="), ({"detector_area": 1.5}, "detector_area="),
     ({"confidence": 1.0}, "confidence="), ({"device": "tpu"}, "device="), ({"toy_concept": "cat"}, "toy_concept="),
-    ({"classifier": "no_colon"}, "classifier="), ({"resolution": 30}, "resolution="),
+    ({"classifier": "no_colon"}, "classifier="), ({"resolution": 30}, "resolution="), ({"seed": -1}, "seed="),
 ])
 def test_eval_config_validation(kwargs, key):
     with pytest.raises(ConfigError, match=key):
         EvalConfig(**kwargs)
+
+
+def test_base_seeds_draw_disjoint_sample_seeds():
+    from diffscrub.evaluation.run import _layout
+
+    prompts = ["7 on grass", "7 on brick"]
+
+    def seeds(seed):
+        config = EvalConfig(seed=seed, n=4, n_null=10)
+        return {name: _layout(name, prompts, config)["seeds"] for name in ("null", "concept", "other")}
+
+    zero, one = seeds(0), seeds(1)
+    # --seed 0 keeps the seeds every recorded figure was drawn with
+    assert zero["null"] == list(range(12)) and zero["concept"] == [1_000_000 + c for c in range(4)] * 2
+    assert zero["other"][:4] == [2_000_000 + c for c in range(4)]
+    every = lambda s: {x for v in s.values() for x in v}
+    assert not every(zero) & every(one)  # a second base seed is an independent reading
+    assert len(every(one)) == 12 + 4 + 4  # and the sets never share a seed within one
 
 
 def test_eval_config_require():

@@ -27,7 +27,8 @@ class EvalConfig:
     max_prompts: int = option(8, "at most this many prompts per set")
     steps: int = option(DEFAULT_STEPS, "sampling steps")
     guidance: float | None = option(None, "classifier-free guidance scale (default: the toy default for toy models, else 7.5)")
-    seed: int = option(0, "base seed: sample seeds derive from it; the same seeds drive both models")
+    seed: int = option(0, "base seed: sample seeds derive from it, and two base seeds share none (independent "
+                          "readings); the same seeds drive both models")
     resolution: int | None = option(None, "sample size in pixels (default: the forget images' size)")
     batch_size: int = option(16, "images per pipeline call")
     device: str = option("auto", "auto, cpu or cuda")
@@ -56,6 +57,8 @@ class EvalConfig:
                      "fd_bootstrap"):
             check_range(name, getattr(self, name), 1)
         check_range("grid_cell", self.grid_cell, 8)
+        # seed * SEED_STRIDE (1e7) must stay a valid 64-bit generator seed
+        check_range("seed", self.seed, 0, 10**11, high_open=True)
         check_range("detector_area", self.detector_area, 0.0, 1.0, high_open=True)
         check_range("confidence", self.confidence, 0.0, 1.0, low_open=True, high_open=True)
         if self.guidance is not None:

@@ -45,7 +45,11 @@ from .sampling import (
 
 SCHEMA_VERSION = 1
 SET_SEED_OFFSETS = {"null": 0, "concept": 1_000_000, "other": 2_000_000}
-"""Sample seeds: ``seed + offset[set] + column`` (+ ``row * n`` in the null set, whose rows repeat one prompt)."""
+SEED_STRIDE = 10_000_000
+"""Sample seeds: ``seed * SEED_STRIDE + offset[set] + column`` (+ ``row * n`` in the null set, whose rows
+repeat one prompt). The stride keeps the seeds of ``--seed k`` apart from those of every other ``k``, so
+two base seeds are two independent readings (with ``seed + ...``, ``--seed 1`` redrew 127 of the 128
+null samples of ``--seed 0``); ``--seed 0`` draws the seeds it always drew."""
 READER_ORDER = ("classifier", "oracle", "detector")
 """The first available reader is the primary one (``concept_rate`` of each set)."""
 PRESERVATION_SETS = ("null", "other")
@@ -91,7 +95,7 @@ def _prepare_pipe(pipe, device: torch.device):
 
 def _layout(set_name: str, prompts: list[str], config: EvalConfig) -> dict:
     """Rows, columns, the prompt and seed of every sample (row-major)."""
-    base = config.seed + SET_SEED_OFFSETS[set_name]
+    base = config.seed * SEED_STRIDE + SET_SEED_OFFSETS[set_name]
     if set_name == "null":
         cols = min(config.n, config.n_null)
         rows = -(-config.n_null // cols)
@@ -466,9 +470,9 @@ def evaluate(
                    "pipeline_class": type(pipe).__name__},
         "sampling": {"steps": config.steps, "guidance": guidance, "height": height, "width": width,
                      "scheduler": type(reference_pipe.scheduler).__name__,
-                     "seeds": "seed + offset[set] + column (+ row * n in the null set); one CPU torch.Generator "
-                              "per sample, the same for both models",
-                     "seed_offsets": SET_SEED_OFFSETS,
+                     "seeds": "seed * seed_stride + offset[set] + column (+ row * n in the null set); one CPU "
+                              "torch.Generator per sample, the same for both models",
+                     "seed_stride": SEED_STRIDE, "seed_offsets": SET_SEED_OFFSETS,
                      # one-step generators: one denoiser call at this timestep, no guidance (else absent)
                      **({"erased_one_step_timestep": era_one_step} if era_one_step is not None else {}),
                      **({"reference_one_step_timestep": ref_one_step} if ref_one_step is not None else {})},
