@@ -83,8 +83,9 @@ def test_bench_passes_erase_options_to_every_method(monkeypatch, tmp_path, capsy
 
     monkeypatch.setattr(compare, "run_bench", fake_run_bench)
     code = cli.main(["bench", "--concept", "7", "--methods", "tss,esd", "--lr", "1e-4",
-                     "--erase-args", "--fingerprint knn --knn-area 0.15", "--out", str(tmp_path), "--quiet"])
-    assert code == 0
+                     "--erase-args", "--fingerprint knn --knn-area 0.15", "--sample-seed", "2", "--out", str(tmp_path),
+                     "--quiet"])
+    assert code == 0 and seen["sample_seed"] == 2
     assert seen["extra_args"] == ["--lr=0.0001", "--fingerprint", "knn", "--knn-area", "0.15"]
     assert seen["methods"] == ["tss", "esd"] and seen["concept"] == "7"
 
@@ -142,3 +143,34 @@ def test_bench_refuses_a_wrong_retrained_folder_before_any_erase(monkeypatch, tm
     assert code != 0
     assert len(err) == 1 and "missing" in err[0] and "model_index.json" in err[0]
     assert not out.exists()
+    code = cli.main(["bench", "--concept", "7", "--sample-seed", "-1", "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "sample_seed=-1" in err[0] and not out.exists()
+
+
+def test_bench_reads_every_model_at_its_sample_seed(monkeypatch, tmp_path):
+    """--sample-seed reaches the evaluation of the erased, original and retrained model alike, and bench.json."""
+    import json
+    import pathlib
+    import subprocess
+
+    from diffscrub import evaluation
+    from diffscrub.bench import compare
+
+    def fake_erase(cmd, **kwargs):
+        folder = pathlib.Path(cmd[cmd.index("--out") + 1])
+        folder.mkdir(parents=True)
+        (folder / "diffscrub.json").write_text(json.dumps({"memory": {"cpu_peak_rss_mb": 1.0}}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    seeds = []
+
+    def fake_evaluate(config, **kwargs):
+        seeds.append(config.seed)
+        return {"sets": {}}
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_erase)
+    monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+    compare.run_bench("7", str(tmp_path / "b"), methods=["tss"], set_size=4, sample_seed=3, log=lambda m: None)
+    assert seeds == [3, 3]  # the erased model, then the retrained one; the original is the erased run's reference
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["sample_seed"] == 3

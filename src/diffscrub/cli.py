@@ -213,7 +213,7 @@ def cmd_bench(ns) -> int:
     extra += shlex.split(ns.erase_args or "")
     run_bench(ns.concept, ns.out, model=ns.model, methods=methods, retrained=ns.retrained, steps=ns.steps, n=ns.n,
               n_null=ns.n_null, overwrite=ns.overwrite, extra_args=extra, then=ns.then, sample_cache=ns.sample_cache,
-              log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
+              sample_seed=ns.sample_seed, log=(lambda m: None) if ns.quiet else (lambda m: print(m, file=sys.stderr)))
     print((__import__("pathlib").Path(ns.out) / "bench.txt").read_text(), end="")
     return 0
 
@@ -289,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a later pass for every method, as `diffscrub erase --then` (repeat for more passes)")
     p.add_argument("--n", type=int, default=16, help="samples per prompt in the concept and other sets")
     p.add_argument("--n-null", type=int, default=128, help="samples of the null prompt")
+    p.add_argument("--sample-seed", type=int, default=0, metavar="K",
+                   help="eval's --seed for every model: each K draws samples no other K draws, so K=1, 2, ... "
+                        "are independent second readings of the same table (default: 0)")
     p.add_argument("--out", default="bench-out", help="output folder (default: bench-out)")
     p.add_argument("--sample-cache", default=None, metavar="DIR",
                    help="keep every model's samples here, by its files' contents, prompts, seeds and settings, so "

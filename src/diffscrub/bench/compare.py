@@ -16,6 +16,7 @@ import sys
 import time
 
 from ..core.output import check_output_dir, write_json
+from ..config import check_range
 from ..errors import ConfigError, InputError
 
 def _retrained_folder(model: str, concept: str, retrained: str | None) -> pathlib.Path | None:
@@ -88,16 +89,20 @@ def format_table(rows: list[dict], concept: str) -> str:
 def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
               retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
               set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
-              then: list[str] | None = None, sample_cache: str | None = None, log=print) -> dict:
+              then: list[str] | None = None, sample_cache: str | None = None, sample_seed: int = 0,
+              log=print) -> dict:
     """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``.
 
     ``then``: later passes for every method (each a string of erase flags, as ``erase --then``); the
     row's wall time covers all passes and its peak memory is the highest of them.
+    ``sample_seed``: eval's ``--seed`` for every model (each value an independent reading; 0 is the one
+    every recorded table was read with).
     ``sample_cache``: a folder that keeps every model's samples by its files' contents, prompts, seeds
     and sampler settings; the original and the retrained model are then sampled once, here and in later
     runs (a sweep over erase seeds samples only the erased models). Without it they are still sampled
     once per run."""
     from ..evaluation import EvalConfig, evaluate
+    from ..evaluation.config import SAMPLE_SEED_END
     from ..evaluation.cache import SampleCache
     from ..evaluation.readers import has_prototypes
     from ..methods import METHODS
@@ -110,6 +115,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         METHODS.get(m)
     # before anything is erased or written: a wrong --retrained is a one-line error, not one after the runs
     retrained_folder = _retrained_folder(model, concept, retrained)
+    check_range("sample_seed", sample_seed, 0, SAMPLE_SEED_END, high_open=True)
     cache = SampleCache(sample_cache)
     out_path = check_output_dir(out, overwrite=overwrite)
     if out_path.exists() and overwrite:
@@ -125,7 +131,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
     def evaluate_model(name: str, folder) -> dict:
         metrics = evaluate(EvalConfig(model=str(folder), reference=model, forget=str(forget), retain=str(retain),
                                       toy_concept=concept, out=str(out_path / f"eval-{name}"), n=n, n_null=n_null,
-                                      max_prompts=max_prompts, device="cpu", quiet=True,
+                                      max_prompts=max_prompts, device="cpu", quiet=True, seed=sample_seed,
                                       # only TSS runs leave prototypes for the detector
                                       artifacts=str(folder) if has_prototypes(folder) else None),
                            sample_cache=cache)
@@ -163,6 +169,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         + (f" (kept in {cache.root})" if cache.root else ""))
     write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
                                          "erase_args": list(extra_args or []), "then": list(then or []),
+                                         "sample_seed": sample_seed,
                                          "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})
     (out_path / "bench.txt").write_text(table + "\n")
     log(table)

@@ -10,6 +10,9 @@ from ..errors import ConfigError
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 
+SAMPLE_SEED_END = 10**11
+"""``--seed`` stays under this: times the sampler's seed stride (1e7) it is still a valid 64-bit generator seed."""
+
 
 @dataclass
 class EvalConfig:
@@ -57,8 +60,7 @@ class EvalConfig:
                      "fd_bootstrap"):
             check_range(name, getattr(self, name), 1)
         check_range("grid_cell", self.grid_cell, 8)
-        # seed * SEED_STRIDE (1e7) must stay a valid 64-bit generator seed
-        check_range("seed", self.seed, 0, 10**11, high_open=True)
+        check_range("seed", self.seed, 0, SAMPLE_SEED_END, high_open=True)
         check_range("detector_area", self.detector_area, 0.0, 1.0, high_open=True)
         check_range("confidence", self.confidence, 0.0, 1.0, low_open=True, high_open=True)
         if self.guidance is not None:
