@@ -126,8 +126,9 @@ def test_bench_later_passes_reach_every_erase(monkeypatch, tmp_path):
     assert cmd[-2:] == ["--lr=0.0001", "--then=--trainable text-kv --lr 2e-4"]
 
 
-def test_bench_refuses_a_wrong_retrained_folder_before_any_erase(monkeypatch, tmp_path, capsys):
-    """A --retrained folder that is no pipeline is a one-line error before anything is erased or written."""
+def test_bench_refuses_bad_inputs_before_any_erase(monkeypatch, tmp_path, capsys):
+    """A --retrained folder that is no pipeline, or a negative --sample-seed, is a one-line error before anything
+    is erased or written."""
     import subprocess
 
     from diffscrub import cli

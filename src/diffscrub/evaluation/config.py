@@ -10,8 +10,10 @@ from ..errors import ConfigError
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 7.5
 
+SEED_STRIDE = 10_000_000
+"""Sample seeds are ``seed * SEED_STRIDE + ...`` (``run.SET_SEED_OFFSETS``), so each ``--seed`` has its own range."""
 SAMPLE_SEED_END = 10**11
-"""``--seed`` stays under this: times the sampler's seed stride (1e7) it is still a valid 64-bit generator seed."""
+"""``--seed`` stays under this: times ``SEED_STRIDE`` it is still a valid 64-bit generator seed."""
 
 
 @dataclass

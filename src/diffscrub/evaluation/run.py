@@ -21,7 +21,7 @@ import torch
 from ..config import to_dict
 from ..errors import ConfigError, InputError
 from . import metrics as M
-from .config import DEFAULT_GUIDANCE, EvalConfig
+from .config import DEFAULT_GUIDANCE, SEED_STRIDE, EvalConfig
 from .prompts import SET_NAMES, PromptSets, read_prompts_file, toy_prompt_sets
 from .readers import (
     ARTIFACTS_FILE,
@@ -45,7 +45,6 @@ from .sampling import (
 
 SCHEMA_VERSION = 1
 SET_SEED_OFFSETS = {"null": 0, "concept": 1_000_000, "other": 2_000_000}
-SEED_STRIDE = 10_000_000
 """Sample seeds: ``seed * SEED_STRIDE + offset[set] + column`` (+ ``row * n`` in the null set, whose rows
 repeat one prompt). The stride keeps the seeds of ``--seed k`` apart from those of every other ``k``, so
 two base seeds are two independent readings (with ``seed + ...``, ``--seed 1`` redrew 127 of the 128
