@@ -175,3 +175,49 @@ def test_bench_reads_every_model_at_its_sample_seed(monkeypatch, tmp_path):
     compare.run_bench("7", str(tmp_path / "b"), methods=["tss"], set_size=4, sample_seed=3, log=lambda m: None)
     assert seeds == [3, 3]  # the erased model, then the retrained one; the original is the erased run's reference
     assert json.loads((tmp_path / "b" / "bench.json").read_text())["sample_seed"] == 3
+
+
+def test_bench_overwrite_keeps_the_old_run_until_the_new_one_is_complete(monkeypatch, tmp_path):
+    """With --overwrite, a bench that fails leaves the previous folder as it was; one that succeeds replaces it,
+    and its records name the final folder, not the temporary one they were written in."""
+    import json
+    import pathlib
+    import subprocess
+
+    import pytest
+
+    from diffscrub import evaluation
+    from diffscrub.bench import compare
+    from diffscrub.errors import ConfigError
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "bench.txt").write_text("the previous table\n")
+
+    def failing_erase(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "diffscrub: error: out of patience")
+
+    monkeypatch.setattr(compare.subprocess, "run", failing_erase)
+    with pytest.raises(ConfigError, match="out of patience"):
+        compare.run_bench("7", str(out), methods=["tss"], set_size=4, overwrite=True, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temporary folder left beside it
+    assert [p.name for p in out.iterdir()] == ["bench.txt"]
+    assert (out / "bench.txt").read_text() == "the previous table\n"
+
+    def fake_erase(cmd, **kwargs):
+        folder = pathlib.Path(cmd[cmd.index("--out") + 1])
+        folder.mkdir(parents=True)
+        forget = cmd[cmd.index("--forget") + 1]
+        assert pathlib.Path(forget).is_dir()  # the sets exist where the erase is told to read them
+        record = {"memory": {"cpu_peak_rss_mb": 1.0}, "config": {"forget": forget, "out": str(folder)}}
+        (folder / "diffscrub.json").write_text(json.dumps(record))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(compare.subprocess, "run", fake_erase)
+    monkeypatch.setattr(evaluation, "evaluate", lambda config, **kwargs: {"sets": {}})
+    compare.run_bench("7", str(out), methods=["tss"], set_size=4, overwrite=True, log=lambda m: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert "the previous table" not in (out / "bench.txt").read_text()
+    record = json.loads((out / "erased-tss" / "diffscrub.json").read_text())
+    assert record["config"] == {"forget": str(out / "sets" / "forget"), "out": str(out / "erased-tss")}
+    assert pathlib.Path(record["config"]["forget"]).is_dir()

@@ -34,6 +34,13 @@ def test_demo_small(tmp_path, capsys):
     rate = metrics["sets"]["null"]["concept_rate"]
     assert 0 <= rate["erased"]["rate"] <= 1 and rate["reader"] == "oracle"
     assert summary["concept"] == demo.DEMO_CONCEPT and summary["nearest_words"] is not None
+    # the run was written in a temporary sibling and renamed: its records and report name the folder it now is in,
+    # so the saved erase config can be run again as it stands
+    erase_config = json.loads((out / "erased" / "diffscrub.json").read_text())["config"]
+    assert erase_config["forget"] == str(out / "sets" / "forget") and erase_config["out"] == str(out / "erased")
+    assert metrics["config"]["model"] == str(out / "erased")
+    for name in ("erased/diffscrub.json", "eval/metrics.json", "report.html"):
+        assert ".tmp-" not in (out / name).read_text(), name
     printed = capsys.readouterr().out
     assert "concept rate (oracle)" in printed and "report.html" in printed
     # A second run refuses to overwrite the result unless asked, and leaves it intact.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import random
 import signal
 import subprocess
@@ -188,3 +189,40 @@ def test_checkpoint_and_artifacts_when_every_prototype_is_kept(tmp_path):
     artifacts = load_file(str(tmp_path / "o" / "diffscrub_artifacts.safetensors"))
     assert torch.equal(artifacts["prototypes"], artifacts["all_prototypes"])
     assert result.record["prepare"]["prototypes_kept"] == 2
+
+
+def test_atomic_dir_records_name_the_final_folder(tmp_path, monkeypatch):
+    """Paths recorded while a run writes into its temporary folder are rewritten, in JSON records and HTML
+    reports, to the folder it is renamed to, in the form they were given (relative or resolved); other files
+    are left byte for byte, and a failed run leaves the previous folder as it was."""
+    import html
+    import json
+
+    from diffscrub.core.output import atomic_dir
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "runs" / "r&d \"one\""
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("previous")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(os.path.relpath(out), overwrite=True) as tmp:
+            (tmp / "half.json").write_text("{}")
+            raise RuntimeError("interrupted")
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and len(list(out.parent.iterdir())) == 1
+
+    rel = pathlib.Path(os.path.relpath(out))
+    with atomic_dir(rel, overwrite=True) as tmp:
+        (tmp / "sub").mkdir()
+        record = {"out": str(tmp / "sub"), "resolved": str(tmp.resolve() / "x"), "note": f"read {tmp}/a, {tmp}/b",
+                  "list": [str(tmp)], "other": "/elsewhere/data"}
+        (tmp / "sub" / "record.json").write_text(json.dumps(record))
+        (tmp / "report.html").write_text(f"<code>{html.escape(str(tmp / 'sub'), quote=True)}</code>")
+        (tmp / "broken.json").write_text(f"{{not json {tmp}")
+        (tmp / "weights.bin").write_bytes(str(tmp).encode())
+    assert not (out / "old.txt").exists()
+    record = json.loads((out / "sub" / "record.json").read_text())
+    assert record == {"out": str(rel / "sub"), "resolved": str(out.resolve() / "x"), "note": f"read {rel}/a, {rel}/b",
+                      "list": [str(rel)], "other": "/elsewhere/data"}
+    assert (out / "report.html").read_text() == f"<code>{html.escape(str(rel / 'sub'), quote=True)}</code>"
+    assert ".tmp-" in (out / "broken.json").read_text() and ".tmp-" in (out / "weights.bin").read_text()
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]

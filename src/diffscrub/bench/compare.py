@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from ..core.output import check_output_dir, write_json
+from ..core.output import atomic_dir, check_output_dir, write_json
 from ..config import check_range
 from ..errors import ConfigError, InputError
 
@@ -86,51 +86,22 @@ def format_table(rows: list[dict], concept: str) -> str:
     return "\n".join(lines)
 
 
-def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
-              retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
-              set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
-              then: list[str] | None = None, sample_cache: str | None = None, sample_seed: int = 0,
-              log=print) -> dict:
-    """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``.
-
-    ``then``: later passes for every method (each a string of erase flags, as ``erase --then``); the
-    row's wall time covers all passes and its peak memory is the highest of them.
-    ``sample_seed``: eval's ``--seed`` for every model (each value an independent reading; 0 is the one
-    every recorded table was read with).
-    ``sample_cache``: a folder that keeps every model's samples by its files' contents, prompts, seeds
-    and sampler settings; the original and the retrained model are then sampled once, here and in later
-    runs (a sweep over erase seeds samples only the erased models). Without it they are still sampled
-    once per run."""
+def _run_models(concept: str, work: pathlib.Path, *, model: str, methods: list[str], retrained_folder, steps: int,
+                n: int, n_null: int, max_prompts: int, set_size: int, extra_args, then, cache, sample_seed: int,
+                log) -> list[dict]:
+    """Make the sets in ``work``, erase with each method (its own process), evaluate every model; the table's rows."""
     from ..evaluation import EvalConfig, evaluate
-    from ..evaluation.config import SAMPLE_SEED_END
-    from ..evaluation.cache import SampleCache
     from ..evaluation.readers import has_prototypes
-    from ..methods import METHODS
-    from ..toy.canvas import check_concept
     from ..toy.sets import make_sets
 
-    concept = check_concept(concept)
-    methods = methods or ["tss"]
-    for m in methods:
-        METHODS.get(m)
-    # before anything is erased or written: a wrong --retrained is a one-line error, not one after the runs
-    retrained_folder = _retrained_folder(model, concept, retrained)
-    check_range("sample_seed", sample_seed, 0, SAMPLE_SEED_END, high_open=True)
-    cache = SampleCache(sample_cache)
-    out_path = check_output_dir(out, overwrite=overwrite)
-    if out_path.exists() and overwrite:
-        import shutil
-
-        shutil.rmtree(out_path)
-    out_path.mkdir(parents=True)
-    sets = out_path / "sets"
+    sets = work / "sets"
     make_sets(concept, sets, n=set_size, seed=0)
     forget, retain = sets / "forget", sets / "retain"
     rows, evals = [], {}
 
     def evaluate_model(name: str, folder) -> dict:
         metrics = evaluate(EvalConfig(model=str(folder), reference=model, forget=str(forget), retain=str(retain),
-                                      toy_concept=concept, out=str(out_path / f"eval-{name}"), n=n, n_null=n_null,
+                                      toy_concept=concept, out=str(work / f"eval-{name}"), n=n, n_null=n_null,
                                       max_prompts=max_prompts, device="cpu", quiet=True, seed=sample_seed,
                                       # only TSS runs leave prototypes for the detector
                                       artifacts=str(folder) if has_prototypes(folder) else None),
@@ -139,7 +110,7 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         return metrics
 
     for method in methods:
-        folder = out_path / f"erased-{method}"
+        folder = work / f"erased-{method}"
         cmd = [sys.executable, "-m", "diffscrub", "erase", "--model", model, "--forget", str(forget),
                "--retain", str(retain), "--out", str(folder), "--method", method, "--steps", str(steps), "--quiet",
                "--device", "cpu", "--concept-prompt", concept, *(extra_args or []),
@@ -157,20 +128,57 @@ def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[
         peak = max(r["memory"]["cpu_peak_rss_mb"] for r in [record, *record.get("earlier_passes", [])])
         label = f"{method} ({1 + len(then)} passes)" if then else method
         rows.append(_row(label, metrics, wall_s=wall, peak_mb=peak))
-    first = evals[methods[0]]
-    rows.insert(0, _row("original", first, reference=True))
+    rows.insert(0, _row("original", evals[methods[0]], reference=True))
     if retrained_folder is not None:
         log("evaluating the retrained model ...")
         rows.append(_row("retrained", evaluate_model("retrained", retrained_folder)))
     else:
         log(f"no retrained model for {concept!r}: pass --retrained DIR (from `diffscrub toy train --exclude {concept}`)")
-    table = format_table(rows, concept)
-    log(f"sample cache: {cache.hits} sampling calls read back, {cache.misses} drawn"
-        + (f" (kept in {cache.root})" if cache.root else ""))
-    write_json(out_path / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
+    return rows
+
+
+def run_bench(concept: str, out: str, *, model: str = "toy-unet", methods: list[str] | None = None,
+              retrained: str | None = None, steps: int = 200, n: int = 16, n_null: int = 128, max_prompts: int = 8,
+              set_size: int = 64, overwrite: bool = False, extra_args: list[str] | None = None,
+              then: list[str] | None = None, sample_cache: str | None = None, sample_seed: int = 0,
+              log=print) -> dict:
+    """Run the comparison into ``out``; returns ``{"rows": [...], "table": str}``.
+
+    ``then``: later passes for every method (each a string of erase flags, as ``erase --then``); the
+    row's wall time covers all passes and its peak memory is the highest of them.
+    ``sample_seed``: eval's ``--seed`` for every model (each value an independent reading; 0 is the one
+    every recorded table was read with).
+    ``sample_cache``: a folder that keeps every model's samples by its files' contents, prompts, seeds
+    and sampler settings; the original and the retrained model are then sampled once, here and in later
+    runs (a sweep over erase seeds samples only the erased models). Without it they are still sampled
+    once per run."""
+    from ..evaluation.config import SAMPLE_SEED_END
+    from ..evaluation.cache import SampleCache
+    from ..methods import METHODS
+    from ..toy.canvas import check_concept
+
+    concept = check_concept(concept)
+    methods = methods or ["tss"]
+    for m in methods:
+        METHODS.get(m)
+    # before anything is erased or written: a wrong --retrained is a one-line error, not one after the runs
+    retrained_folder = _retrained_folder(model, concept, retrained)
+    check_range("sample_seed", sample_seed, 0, SAMPLE_SEED_END, high_open=True)
+    cache = SampleCache(sample_cache)
+    out_path = check_output_dir(out, overwrite=overwrite)
+    # everything is written into a temporary sibling and renamed into place when complete: with --overwrite a
+    # failed or interrupted bench leaves the previous one as it was
+    with atomic_dir(out_path, overwrite=overwrite) as work:
+        rows = _run_models(concept, work, model=model, methods=methods, retrained_folder=retrained_folder,
+                           steps=steps, n=n, n_null=n_null, max_prompts=max_prompts, set_size=set_size,
+                           extra_args=extra_args, then=then, cache=cache, sample_seed=sample_seed, log=log)
+        table = format_table(rows, concept)
+        log(f"sample cache: {cache.hits} sampling calls read back, {cache.misses} drawn"
+            + (f" (kept in {cache.root})" if cache.root else ""))
+        write_json(work / "bench.json", {"concept": concept, "model": model, "methods": methods, "steps": steps,
                                          "erase_args": list(extra_args or []), "then": list(then or []),
                                          "sample_seed": sample_seed,
                                          "rows": rows, "retrained": str(retrained_folder) if retrained_folder else None})
-    (out_path / "bench.txt").write_text(table + "\n")
+        (work / "bench.txt").write_text(table + "\n")
     log(table)
     return {"rows": rows, "table": table}

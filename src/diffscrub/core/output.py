@@ -3,12 +3,18 @@
 Everything is written into a temporary sibling of the destination and renamed into place
 only when complete. An existing destination is replaced only with ``overwrite``, and only
 after the new one is complete; on any failure the old folder is left as it was.
+
+A run that records its own paths (the demo's and the bench's erase and eval records, the demo's
+report) records them while they are still inside the temporary folder; those records are
+rewritten to the destination's paths before the rename, so that every saved config can be
+re-run as it stands.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import html
 import json
 import os
 import pathlib
@@ -47,6 +53,7 @@ def atomic_dir(out: str | pathlib.Path, *, overwrite: bool):
     tmp.mkdir()
     try:
         yield tmp
+        _relocate_records(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -68,6 +75,53 @@ def atomic_dir(out: str | pathlib.Path, *, overwrite: bool):
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+#: files whose text may name the temporary folder (run records, metrics, reports); weights and images are skipped
+_RECORD_SUFFIXES = (".json", ".html")
+
+
+def _relocate_records(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Rewrite every mention of ``tmp`` in the records under it to ``out``, the folder they are renamed to.
+
+    The temporary folder is a sibling of ``out`` with a name no user picks (``.NAME.tmp-PID``), so a plain
+    substring replacement is exact; both the path as given and its resolved form are replaced, as a
+    record may hold either.
+    """
+    # the longer form first, so that a relative path inside the resolved one is not replaced half-way
+    pairs = dict(sorted({str(tmp): str(out), str(tmp.resolve()): str(out.parent.resolve() / out.name)}.items(),
+                        key=lambda kv: -len(kv[0])))
+    for path in tmp.rglob("*"):
+        if path.suffix not in _RECORD_SUFFIXES or not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        if path.suffix == ".json":
+            # compare and replace the decoded strings: json escapes some characters a path may hold
+            if not any(old in text or json.dumps(old)[1:-1] in text for old in pairs):
+                continue
+            try:
+                data = json.loads(text)
+            except ValueError:
+                continue  # not ours to fix
+            write_json(path, _replace_strings(data, pairs))
+        else:
+            new = text
+            for old, dest in pairs.items():
+                new = new.replace(html.escape(old, quote=True), html.escape(dest, quote=True))
+            if new != text:
+                path.write_text(new, encoding="utf-8", errors="surrogateescape")
+
+
+def _replace_strings(value, pairs: dict[str, str]):
+    if isinstance(value, str):
+        for old, dest in pairs.items():
+            value = value.replace(old, dest)
+        return value
+    if isinstance(value, dict):
+        return {_replace_strings(k, pairs): _replace_strings(v, pairs) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_strings(v, pairs) for v in value]
+    return value
 
 
 def write_json(path: str | pathlib.Path, data) -> None:
