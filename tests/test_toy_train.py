@@ -4,14 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from diffscrub.toy import recipes as R
-from diffscrub.toy.train import (
-    _KeyBias,
-    _patch_for_short_t5,
-    _unpatch_short_t5,
-    compress_t5_ids,
-    sd3_text_embeds,
-    tokenize,
-)
+from diffscrub.toy.short_t5 import KeyBias, compress_t5_ids, patch_for_short_t5, unpatch_short_t5
+from diffscrub.toy.train import sd3_text_embeds, tokenize
 
 
 def test_short_t5_training_path_equals_pipeline_padding():
@@ -31,13 +25,13 @@ def test_short_t5_training_path_equals_pipeline_padding():
         pe, pool = sd3_text_embeds(c1, c2, t5, ids1, ids1, full)
         ref = tr(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pool, timestep=t).sample
         short, logw = compress_t5_ids(full, t5tok.pad_token_id)
-        holder = _KeyBias()
+        holder = KeyBias()
         holder.t5 = logw[:, None, None, :]
         holder.joint = F.pad(logw, (64 + ids1.shape[1], 0))[:, None, None, :]
-        _patch_for_short_t5(t5, tr, holder)
+        patch_for_short_t5(t5, tr, holder)
         pe2, pool2 = sd3_text_embeds(c1, c2, t5, ids1, ids1, short)
         out = tr(hidden_states=x, encoder_hidden_states=pe2, pooled_projections=pool2, timestep=t).sample
-        _unpatch_short_t5(t5, tr)
+        unpatch_short_t5(t5, tr)
         again = tr(hidden_states=x, encoder_hidden_states=pe, pooled_projections=pool, timestep=t).sample
     assert short.shape[1] < 16
     assert torch.allclose(out, ref, atol=1e-4), (out - ref).abs().max()

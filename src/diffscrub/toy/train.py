@@ -27,6 +27,8 @@ from torch.nn import functional as F
 from diffscrub.errors import ConfigError, TrainingError
 from diffscrub.toy import recipes as R
 from diffscrub.toy.canvas import caption, check_concept, sample_canvases
+from diffscrub.toy.saving import load_vae, save_mmdit_pipeline, save_unet_pipeline
+from diffscrub.toy.short_t5 import KeyBias, compress_t5_ids, patch_for_short_t5, unpatch_short_t5
 
 Log = Callable[[str], None] | None
 
@@ -203,91 +205,6 @@ def sd3_text_embeds(clip1, clip2, t5, ids1, ids2, ids3) -> tuple[torch.Tensor, t
     prompt_embeds = torch.cat([clip_embeds, t5_embeds], dim=-2)
     pooled = torch.cat([o1[0], o2[0]], dim=-1)
     return prompt_embeds, pooled
-
-
-# ----------------------------------------------------------------------------- pad multiplicity
-#
-# StableDiffusion3Pipeline pads T5 prompts to 256 tokens. With the T5's relative position bias
-# fixed at zero, every <pad> position carries the same vector in the T5 and, since context
-# tokens have no position embedding, in every joint-attention block too. n identical keys
-# weigh in a softmax exactly like one key with log(n) added to its logit. So training feeds
-# a short T5 sequence (the caption, </s>, a few <pad> slots) and adds log(multiplicity) to the
-# <pad> keys' logits in T5 and in the transformer: the same numbers the pipeline computes with
-# 256 tokens, at a fraction of the cost. The patches exist only inside ``train_mmdit``; the
-# saved models are plain diffusers/transformers modules (checked in the tests).
-
-T5_TRAIN_LENGTH = 10  # longest caption is 7 words + </s>; at least two <pad> slots remain
-
-
-def compress_t5_ids(ids_full: torch.Tensor, pad_id: int, length: int = T5_TRAIN_LENGTH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full padded T5 ids [B, L] -> short ids [B, length] and per-key log-multiplicity [B, length]."""
-    full_len = ids_full.shape[1]
-    n_real = (ids_full != pad_id).sum(dim=1)
-    if int(n_real.max()) >= length:
-        raise TrainingError(f"a caption has {int(n_real.max())} T5 tokens: raise T5_TRAIN_LENGTH above that")
-    short = ids_full[:, :length].clone()
-    pos = torch.arange(length)[None, :]
-    is_pad = pos >= n_real[:, None]
-    short[is_pad] = pad_id
-    per_slot = (full_len - n_real).float() / (length - n_real).float()
-    logw = torch.where(is_pad, per_slot.log()[:, None].expand(-1, length), torch.zeros(()))
-    return short, logw
-
-
-class _KeyBias:
-    """Holds the additive key bias of the current batch for the patched attentions."""
-
-    t5: torch.Tensor | None = None
-    joint: torch.Tensor | None = None
-
-
-class _BiasedJointAttnProcessor:
-    """Joint (image + context) attention like diffusers' JointAttnProcessor2_0, plus an
-    additive bias over keys (the <pad> multiplicity); used only while training."""
-
-    def __init__(self, holder: _KeyBias):
-        self.holder = holder
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.holder.joint.to(q.dtype))
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
-        img, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        img = attn.to_out[1](attn.to_out[0](img))
-        return img, ctx
-
-
-def _patch_for_short_t5(t5, transformer, holder: _KeyBias) -> None:
-    attn0 = t5.encoder.block[0].layer[0].SelfAttention
-    attn0.compute_bias = lambda *a, **k: holder.t5  # noqa: E731 (bias [B, 1, 1, Lk] instead of zeros)
-    transformer.set_attn_processor(_BiasedJointAttnProcessor(holder))
-
-
-def _unpatch_short_t5(t5, transformer) -> None:
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
-
-    attn0 = t5.encoder.block[0].layer[0].SelfAttention
-    attn0.__dict__.pop("compute_bias", None)
-    transformer.set_attn_processor(JointAttnProcessor2_0())
 
 
 # ----------------------------------------------------------------------------- denoisers
@@ -491,7 +408,7 @@ def train_mmdit(
         if attn.has_relative_attention_bias:
             attn.relative_attention_bias.weight.requires_grad_(False)
     latents = latents.to(device)
-    holder = _KeyBias()
+    holder = KeyBias()
 
     def loss_fn() -> torch.Tensor:
         idx = draw.index()
@@ -519,71 +436,13 @@ def train_mmdit(
         return F.mse_loss(pred, noise - x0)
 
     ema = EMA([clip1, clip2, t5, tr], cfg.ema_decay)  # copied before the patch: the EMA stays plain
-    _patch_for_short_t5(t5, tr, holder)
+    patch_for_short_t5(t5, tr, holder)
     try:
         c1, c2, t5e, tre = _fit("toy-mmdit", loss_fn, ema, tr, [clip1, clip2, t5], cfg, device, log,
                                 time_limit_s, checkpoint, checkpoint_every_s)
     finally:
-        _unpatch_short_t5(t5, tr)
+        unpatch_short_t5(t5, tr)
     return tok, c1, tok2, c2, t5tok, t5e, tre
-
-
-# ----------------------------------------------------------------------------- saving
-
-
-def _half(module):
-    return copy.deepcopy(module).to(torch.float16).eval()
-
-
-def _float(module):
-    return copy.deepcopy(module).to(torch.float32).eval()
-
-
-# Text encoders are stored in float32: transformers loads a checkpoint in its stored dtype
-# by default while diffusers loads models in float32, so float16 text encoders would break a
-# plain ``DiffusionPipeline.from_pretrained(folder)`` on CPU. They are small anyway.
-
-def save_unet_pipeline(out: Path, vae, tok, te, unet, half: bool = True) -> Path:
-    from diffusers import StableDiffusionPipeline
-
-    conv = _half if half else (lambda m: m)
-    pipe = StableDiffusionPipeline(
-        vae=conv(vae),
-        text_encoder=_float(te),
-        tokenizer=tok,
-        unet=conv(unet),
-        scheduler=R.build_unet_sampler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
-def save_mmdit_pipeline(out: Path, vae, tok, clip1, tok2, clip2, t5tok, t5, tr, half: bool = True) -> Path:
-    from diffusers import StableDiffusion3Pipeline
-
-    conv = _half if half else (lambda m: m)
-    pipe = StableDiffusion3Pipeline(
-        transformer=conv(tr),
-        scheduler=R.build_flow_scheduler(),
-        vae=conv(vae),
-        text_encoder=_float(clip1),
-        tokenizer=tok,
-        text_encoder_2=_float(clip2),
-        tokenizer_2=tok2,
-        text_encoder_3=_float(t5),
-        tokenizer_3=t5tok,
-    )
-    pipe.save_pretrained(str(out), safe_serialization=True)
-    return out
-
-
-def load_vae(folder: str | Path):
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL.from_pretrained(str(folder), torch_dtype=torch.float32).eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------- top level
