@@ -266,6 +266,31 @@ class _CrossCapture(_Capture):
         return hidden_states / attn.rescale_output_factor
 
 
+def joint_qkv(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None):
+    """Queries, keys and values of a joint-attention block (SD3's ``JointAttnProcessor2_0``), each
+    [B, heads, N_img (+ N_ctx), head_dim]: the image tokens' projections, then, with a context, the
+    context's own (``add_*_proj``), each with its block's q/k norms."""
+    b = hidden_states.shape[0]
+
+    def heads(x):
+        return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+    q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if encoder_hidden_states is None:
+        return q, k, v
+    cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+    cv = heads(attn.add_v_proj(encoder_hidden_states))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    return torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+
+
 class _JointCapture(_Capture):
     """Same computation as ``JointAttnProcessor2_0`` (SD3): joint sequence ``[image, text]``."""
 
@@ -274,31 +299,8 @@ class _JointCapture(_Capture):
 
         residual = hidden_states
         batch_size = hidden_states.shape[0]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-
-        def heads(x):
-            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query, key, value = heads(query), heads(key), heads(value)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        n_img = query.shape[2]
-        if encoder_hidden_states is not None:
-            eq = heads(attn.add_q_proj(encoder_hidden_states))
-            ek = heads(attn.add_k_proj(encoder_hidden_states))
-            ev = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
-            query = torch.cat([query, eq], dim=2)
-            key = torch.cat([key, ek], dim=2)
-            value = torch.cat([value, ev], dim=2)
+        query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
+        head_dim, n_img = query.shape[-1], hidden_states.shape[1]
 
         def default():
             return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)

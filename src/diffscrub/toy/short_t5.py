@@ -50,24 +50,10 @@ class _BiasedJointAttnProcessor:
         self.holder = holder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        from diffscrub.adapters.attention_maps import joint_qkv
+
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
-
-        def heads(x):
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        cq = heads(attn.add_q_proj(encoder_hidden_states))
-        ck = heads(attn.add_k_proj(encoder_hidden_states))
-        cv = heads(attn.add_v_proj(encoder_hidden_states))
-        if attn.norm_added_q is not None:
-            cq = attn.norm_added_q(cq)
-        if attn.norm_added_k is not None:
-            ck = attn.norm_added_k(ck)
-        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.holder.joint.to(q.dtype))
         out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[-1]).to(q.dtype)
         img, ctx = out[:, :n_img], out[:, n_img:]
