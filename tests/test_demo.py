@@ -36,7 +36,12 @@ def test_demo_small(tmp_path, capsys):
     assert summary["concept"] == demo.DEMO_CONCEPT and summary["nearest_words"] is not None
     # the run was written in a temporary sibling and renamed: its records and report name the folder it now is in,
     # so the saved erase config can be run again as it stands
-    erase_config = json.loads((out / "erased" / "diffscrub.json").read_text())["config"]
+    record = json.loads((out / "erased" / "diffscrub.json").read_text())
+    erase_config = record["config"]
+    # the demo's recipe reaches the erase, where the test does not shrink it
+    assert {k: record["tss"][k] for k in demo.DEMO_TSS_OPTIONS} == demo.DEMO_TSS_OPTIONS
+    assert {k: erase_config[k] for k in demo.DEMO_OPTIONS if k != "inversion_steps"} == {
+        k: v for k, v in demo.DEMO_OPTIONS.items() if k != "inversion_steps"}
     assert erase_config["forget"] == str(out / "sets" / "forget") and erase_config["out"] == str(out / "erased")
     assert metrics["config"]["model"] == str(out / "erased")
     for name in ("erased/diffscrub.json", "eval/metrics.json", "report.html"):
@@ -47,3 +52,28 @@ def test_demo_small(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("concept, area", [("brick", 0.85), ("grass", 0.85), ("7", 0.15)])
+def test_demo_picks_the_recipe_for_the_kind_of_concept(concept, area, tmp_path, monkeypatch):
+    """A background is erased with brick's recipe (a mask over most of the image, anchors); a digit with the
+    7 recipe's first pass (a small mask, no anchors). A run that stops leaves no output folder behind."""
+    from diffscrub import demo
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_erase(config, tss_options, log=None):
+        seen.update(config=config, tss=tss_options)
+        raise Stop
+
+    monkeypatch.setattr(demo, "erase", fake_erase)
+    with pytest.raises(Stop):
+        demo.run_demo(out=str(tmp_path / "d"), quiet=True, concept=concept, set_size=4)
+    assert seen["tss"]["knn_area"] == area and seen["tss"]["blind_fill"] == "contrast"
+    assert seen["config"].lr == 1e-4 and seen["config"].steps == demo.DEMO_STEPS
+    assert ("vocab_anchors" in seen["tss"]) == (not concept.isdigit())
+    assert seen["config"].leave_out_candidates == (not concept.isdigit())
+    assert list(tmp_path.iterdir()) == []
