@@ -471,3 +471,14 @@ def test_only_runs_with_prototypes_feed_the_detector(tmp_path):
     assert not has_prototypes(tmp_path / "none")
     assert not has_prototypes(tmp_path / "attention")
     assert has_prototypes(tmp_path / "tss")
+
+
+def test_summary_keeps_large_frechet_distances_apart():
+    """A distance in the thousands with its interval still leaves the reference and erased columns apart."""
+    from diffscrub.evaluation.cli import format_summary
+
+    fd = {"reference": {"value": 911.2529, "ci": [840.6867, 1248.7172]},
+          "erased": {"value": 840.5327, "ci": [807.8255, 1075.8151]}}
+    (line,) = [ln for ln in format_summary({"sets": {"other": {"frechet_distance": fd}}}).splitlines()
+               if "Fréchet" in ln]
+    assert line.split()[-6:] == ["911.3", "[840.7,", "1248.7]", "840.5", "[807.8,", "1075.8]"]

@@ -75,11 +75,11 @@ def _fmt_rate(summary: dict | None) -> str:
     return f"{summary['rate']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
-def _fmt_mean(summary: dict | None, key: str = "mean") -> str:
+def _fmt_mean(summary: dict | None, key: str = "mean", digits: int = 4) -> str:
     if not summary or summary.get(key) is None:
         return "-"
     lo, hi = summary["ci"]
-    return f"{summary[key]:.4f} [{lo:.4f}, {hi:.4f}]"
+    return f"{summary[key]:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
 def _count(summary: dict) -> str:
@@ -112,8 +112,9 @@ def format_summary(result: dict) -> str:
             lines.append(f"{name:<8}{'SSIM vs reference':<26}{'1':>30}{_fmt_mean(ch.get('ssim')):>30}")
         fd = figures.get("frechet_distance")
         if fd:
-            ref = _fmt_mean(fd.get("reference"), "value")
-            era = _fmt_mean(fd.get("erased"), "value")
+            # distances run to the thousands: one decimal keeps the columns apart
+            ref = _fmt_mean(fd.get("reference"), "value", digits=1)
+            era = _fmt_mean(fd.get("erased"), "value", digits=1)
             lines.append(f"{name:<8}{'Fréchet dist. to retain':<26}{ref:>30}{era:>30}")
     for note in result.get("notes", []):
         lines.append(f"note: {note}")
