@@ -54,10 +54,10 @@ def test_demo_small(tmp_path, capsys):
     assert (out / "report.html").exists()
 
 
-@pytest.mark.parametrize("concept, area", [("brick", 0.85), ("grass", 0.85), ("7", 0.15)])
-def test_demo_picks_the_recipe_for_the_kind_of_concept(concept, area, tmp_path, monkeypatch):
-    """A background is erased with brick's recipe (a mask over most of the image, anchors); a digit with the
-    7 recipe's first pass (a small mask, no anchors). A run that stops leaves no output folder behind."""
+@pytest.mark.parametrize("concept, fingerprint", [("brick", "prototypes"), ("grass", "prototypes"), ("7", "knn")])
+def test_demo_picks_the_recipe_for_the_kind_of_concept(concept, fingerprint, tmp_path, monkeypatch):
+    """A background is erased with brick's recipe (the prototypes' mask, anchors); a digit with the 7 recipe's
+    first pass (a small neighbour mask, no anchors). A run that stops leaves no output folder behind."""
     from diffscrub import demo
 
     seen = {}
@@ -72,7 +72,8 @@ def test_demo_picks_the_recipe_for_the_kind_of_concept(concept, area, tmp_path, 
     monkeypatch.setattr(demo, "erase", fake_erase)
     with pytest.raises(Stop):
         demo.run_demo(out=str(tmp_path / "d"), quiet=True, concept=concept, set_size=4)
-    assert seen["tss"]["knn_area"] == area and seen["tss"]["blind_fill"] == "contrast"
+    assert seen["tss"].get("fingerprint", "prototypes") == fingerprint and seen["tss"]["blind_fill"] == "contrast"
+    assert seen["tss"].get("knn_area") == (0.15 if concept.isdigit() else None)
     assert seen["config"].lr == 1e-4 and seen["config"].steps == demo.DEMO_STEPS
     assert ("vocab_anchors" in seen["tss"]) == (not concept.isdigit())
     assert seen["config"].leave_out_candidates == (not concept.isdigit())

@@ -23,15 +23,15 @@ from .core.trainer import erase
 
 #: the demo's concept and erase settings: the recipe that meets every target for brick on toy-unet in six
 #: seeds of ten at 256 samples per column, seed 0 among them (README, "What the scrubber reaches", and
-#: docs/toy-unet-brick.md, "What is left"). Brick is a background, so the knn mask keeps most of the image
-#: (0.85); the fill takes those places from a retain image; the forget folder is named by textual inversion,
-#: re-ranked by fit, and every word it weighed is left out of the anchors.
+#: docs/toy-unet-brick.md, "What is left"). The prototypes find brick (the fingerprint's default); the mask
+#: is filled from the same places of a retain image; the forget folder is named by textual inversion,
+#: re-ranked by fit, and every word it weighed is left out of the vocabulary anchors.
 DEMO_CONCEPT = "brick"
 DEMO_STEPS = 400
 DEMO_OPTIONS = {"lr": 1e-4, "batch_size": 8, "inversion_steps": 50, "inversion_rerank": 10, "random_contexts": 8,
                 "leave_out_candidates": True}
-DEMO_TSS_OPTIONS = {"fingerprint": "knn", "knn_area": 0.85, "blind_fill": "contrast", "name_target": "neutral",
-                    "blind_prompt": "keep", "vocab_anchors": 19, "lambda_v": 8.0, "lambda_f": 2.0, "lambda_r": 2.0}
+DEMO_TSS_OPTIONS = {"blind_fill": "contrast", "name_target": "neutral", "blind_prompt": "keep", "vocab_anchors": 19,
+                    "lambda_v": 8.0, "lambda_f": 2.0, "lambda_r": 2.0}
 #: a digit covers a small part of the canvas: the 7 recipe's first pass (docs/toy-unet-7.md)
 DIGIT_OPTIONS = {"lr": 1e-4, "batch_size": 8, "inversion_steps": 50}
 DIGIT_TSS_OPTIONS = {"fingerprint": "knn", "knn_area": 0.15, "blind_fill": "contrast"}
