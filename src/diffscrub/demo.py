@@ -28,13 +28,13 @@ from .core.trainer import erase
 #: re-ranked by fit, and every word it weighed is left out of the vocabulary anchors.
 DEMO_CONCEPT = "brick"
 DEMO_STEPS = 400
-DEMO_OPTIONS = {"lr": 1e-4, "batch_size": 8, "inversion_steps": 50, "inversion_rerank": 10, "random_contexts": 8,
-                "leave_out_candidates": True}
-DEMO_TSS_OPTIONS = {"blind_fill": "contrast", "name_target": "neutral", "blind_prompt": "keep", "vocab_anchors": 19,
-                    "lambda_v": 8.0, "lambda_f": 2.0, "lambda_r": 2.0}
 #: a digit covers a small part of the canvas: the 7 recipe's first pass (docs/toy-unet-7.md)
 DIGIT_OPTIONS = {"lr": 1e-4, "batch_size": 8, "inversion_steps": 50}
 DIGIT_TSS_OPTIONS = {"fingerprint": "knn", "knn_area": 0.15, "blind_fill": "contrast"}
+#: brick's recipe (above) on the same base
+DEMO_OPTIONS = {**DIGIT_OPTIONS, "inversion_rerank": 10, "random_contexts": 8, "leave_out_candidates": True}
+DEMO_TSS_OPTIONS = {"blind_fill": "contrast", "name_target": "neutral", "blind_prompt": "keep", "vocab_anchors": 19,
+                    "lambda_v": 8.0, "lambda_f": 2.0, "lambda_r": 2.0}
 #: samples per prompt (concept and other sets), of the null prompt, and prompts per set, in the demo's evaluation.
 EVAL_N, EVAL_N_NULL, EVAL_PROMPTS = 4, 64, 4
 
@@ -62,12 +62,11 @@ def run_demo(out: str = "demo-out", steps: int | None = None, overwrite: bool = 
         say(f"1/4 making forget and retain sets for concept {concept!r}")
         make_sets(concept, tmp / "sets", n=set_size, seed=0)
         say("2/4 erasing it from toy-unet with the Teacher-Student Scrubber")
-        digit = concept.isdigit()
-        options = {**(DIGIT_OPTIONS if digit else DEMO_OPTIONS), **(erase_options or {})}
+        options, recipe = (DIGIT_OPTIONS, DIGIT_TSS_OPTIONS) if concept.isdigit() else (DEMO_OPTIONS, DEMO_TSS_OPTIONS)
+        options = {**options, **(erase_options or {})}
         config = EraseConfig(model="toy-unet", forget=str(tmp / "sets" / "forget"), retain=str(tmp / "sets" / "retain"),
                              out=str(tmp / "erased"), steps=steps or DEMO_STEPS, quiet=quiet, device="cpu", seed=0,
                              **options)
-        recipe = DIGIT_TSS_OPTIONS if digit else DEMO_TSS_OPTIONS
         result = erase(config, {**recipe, **(tss_options or {})}, log=say)
         say("3/4 sampling both models on the same seeds and reading the samples with the oracle")
         metrics = evaluate(EvalConfig(model=str(tmp / "erased"), reference="toy-unet", forget=str(tmp / "sets" / "forget"),

@@ -297,10 +297,9 @@ class _JointCapture(_Capture):
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         import torch.nn.functional as F
 
-        residual = hidden_states
-        batch_size = hidden_states.shape[0]
+        batch_size, n_img = hidden_states.shape[0], hidden_states.shape[1]
         query, key, value = joint_qkv(attn, hidden_states, encoder_hidden_states)
-        head_dim, n_img = query.shape[-1], hidden_states.shape[1]
+        head_dim = query.shape[-1]
 
         def default():
             return F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
@@ -312,7 +311,7 @@ class _JointCapture(_Capture):
             out = default()
         hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
         if encoder_hidden_states is not None:
-            hidden_states, encoder_hidden_states = hidden_states[:, : residual.shape[1]], hidden_states[:, residual.shape[1]:]
+            hidden_states, encoder_hidden_states = hidden_states[:, :n_img], hidden_states[:, n_img:]
             if not attn.context_pre_only:
                 encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         hidden_states = attn.to_out[0](hidden_states)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from diffscrub.adapters.attention_maps import joint_qkv
 from diffscrub.errors import TrainingError
 
 T5_TRAIN_LENGTH = 10  # longest caption is 7 words + </s>; at least two <pad> slots remain
@@ -50,8 +51,6 @@ class _BiasedJointAttnProcessor:
         self.holder = holder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        from diffscrub.adapters.attention_maps import joint_qkv
-
         b, n_img = hidden_states.shape[0], hidden_states.shape[1]
         q, k, v = joint_qkv(attn, hidden_states, encoder_hidden_states)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.holder.joint.to(q.dtype))
